@@ -2,8 +2,9 @@
 
 A preprocessed face set is a directory holding 112x112 8-bit grayscale PNGs under
 `<dir>/<expression>/` and `<dir>/manifest.csv` with (at least) the columns
-`path, expression, subject, source`. `path` is relative to the directory, `subject` is
-empty when unknown. The synthetic set, MTCNN preprocessing and every importer write
+`path, expression, subject, source`, and optionally `split` (`train`/`test`, set only
+where a dataset ships an official split). `path` is relative to the directory,
+`subject` and `split` are empty when unknown. The synthetic set, MTCNN preprocessing and every importer write
 this; the TFDS builder and the tf.data pair pipeline read only this.
 """
 
@@ -21,7 +22,7 @@ EXPRESSIONS = ("neutral", "anger", "disgust", "fear", "happiness", "sadness", "s
 NUM_CLASSES = len(EXPRESSIONS)
 IMAGE_SIZE = 112
 MANIFEST_NAME = "manifest.csv"
-MANIFEST_FIELDS = ("path", "expression", "subject", "source")
+MANIFEST_FIELDS = ("path", "expression", "subject", "source", "split")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +33,7 @@ class Record:
   expression: str
   subject: str = ""
   source: str = ""
+  split: str = ""
 
   @property
   def label(self) -> int:
@@ -85,7 +87,8 @@ def read_manifest(data_dir: str, check_files: bool = True) -> list[Record]:
       records.append(Record(
           path=row["path"].strip(), expression=expression,
           subject=(row.get("subject") or "").strip(),
-          source=(row.get("source") or "").strip()))
+          source=(row.get("source") or "").strip(),
+          split=(row.get("split") or "").strip()))
   if not records:
     raise DataError(f"{manifest} lists no images: the face set is empty")
   if check_files:
