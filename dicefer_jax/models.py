@@ -1,0 +1,236 @@
+"""Flax modules of DICE-FER: ResNet-18 encoders, DV critics, discriminator, classifier.
+
+Every module is plain Flax linen with pure `init`/`apply`. Images are NHWC with one
+channel (grayscale). Shapes at 112 px: stem 56x56, stages 28/14/7/4, code 64-d.
+"""
+
+from typing import Any, NamedTuple, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# Stage widths of ResNet-18 at width=64 (torchvision's).
+_STAGE_MULTIPLIERS = (1, 2, 4, 8)
+_BLOCKS_PER_STAGE = (2, 2, 2, 2)
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+  """3x3 max-pool, stride 2, padding 1 (torchvision's stem pool), NHWC.
+
+  Written as a max over 9 strided slices: same result as nn.max_pool, but XLA's CPU
+  backward pass for reduce_window is several times slower than for slices+max.
+  """
+  x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-jnp.inf)
+  h_out = (x.shape[1] - 3) // 2 + 1
+  w_out = (x.shape[2] - 3) // 2 + 1
+  out = None
+  for dy in range(3):
+    for dx in range(3):
+      window = x[:, dy:dy + 2 * h_out - 1:2, dx:dx + 2 * w_out - 1:2, :]
+      out = window if out is None else jnp.maximum(out, window)
+  return out
+
+
+class BasicBlock(nn.Module):
+  """ResNet BasicBlock: two 3x3 convs with BatchNorm, projection shortcut on change."""
+
+  features: int
+  strides: int = 1
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    norm = lambda name: nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        dtype=self.dtype, name=name)
+    conv = lambda f, k, s, name: nn.Conv(
+        f, (k, k), (s, s), padding=((k // 2, k // 2),) * 2, use_bias=False,
+        dtype=self.dtype, name=name)
+    residual = x
+    y = conv(self.features, 3, self.strides, "conv1")(x)
+    y = nn.relu(norm("bn1")(y))
+    y = conv(self.features, 3, 1, "conv2")(y)
+    y = norm("bn2")(y)
+    if residual.shape != y.shape:
+      residual = conv(self.features, 1, self.strides, "downsample_conv")(residual)
+      residual = norm("downsample_bn")(residual)
+    return nn.relu(residual + y)
+
+
+class ResNet18Trunk(nn.Module):
+  """ResNet-18 without the fc layer; returns the output map of every stage.
+
+  At width=64 and one input channel its parameter count equals torchvision's
+  resnet18 with a 1-channel 7x7 stem and no fc (11,170,240): BN scale and bias are
+  parameters, running statistics live in the `batch_stats` collection.
+  """
+
+  width: int = 64
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, train: bool) -> list[jax.Array]:
+    x = nn.Conv(self.width, (7, 7), (2, 2), padding=((3, 3), (3, 3)),
+                use_bias=False, dtype=self.dtype, name="stem_conv")(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                     dtype=self.dtype, name="stem_bn")(x)
+    x = max_pool_3x3_s2(nn.relu(x))
+    maps = []
+    for stage, (mult, blocks) in enumerate(zip(_STAGE_MULTIPLIERS, _BLOCKS_PER_STAGE)):
+      for block in range(blocks):
+        strides = 2 if stage > 0 and block == 0 else 1
+        x = BasicBlock(self.width * mult, strides, self.dtype,
+                       name=f"stage{stage + 1}_block{block + 1}")(x, train)
+      maps.append(x)
+    return maps
+
+
+class EncoderOutput(NamedTuple):
+  code: jax.Array         # z, (B, code_dim)
+  feature: jax.Array      # pooled feature f, (B, 8 * width)
+  feature_map: jax.Array  # C for the local critic, (B, h, w, channels)
+
+
+class ResNet18Encoder(nn.Module):
+  """E_exp / E_id: ResNet-18 trunk, global average pool, and a linear code head.
+
+  `local_stage` (1-4) chooses which stage's map is returned for the local critic.
+  """
+
+  code_dim: int = 64
+  width: int = 64
+  local_stage: int = 4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool) -> EncoderOutput:
+    maps = ResNet18Trunk(self.width, self.dtype, name="trunk")(images, train)
+    feature = jnp.mean(maps[-1], axis=(1, 2)).astype(jnp.float32)
+    code = nn.Dense(self.code_dim, name="code")(feature)
+    return EncoderOutput(code, feature, maps[self.local_stage - 1].astype(jnp.float32))
+
+
+class GlobalCritic(nn.Module):
+  """Global statistics network T_g(x, z): MLP on concat[x, z] -> one score per item."""
+
+  hidden: int = 512
+  num_hidden_layers: int = 2
+
+  @nn.compact
+  def __call__(self, x, z) -> jax.Array:
+    h = jnp.concatenate([x, z], axis=-1)
+    for i in range(self.num_hidden_layers):
+      h = nn.relu(nn.Dense(self.hidden, name=f"hidden{i + 1}")(h))
+    return nn.Dense(1, name="score")(h)[..., 0]
+
+
+class LocalCritic(nn.Module):
+  """Local statistics network T_l(C, z): 1x1 convs on concat[C, z tiled].
+
+  Scores every position of the feature map and averages them, so the critic is
+  rewarded for z explaining each local patch, not only the image as a whole.
+  """
+
+  hidden: int = 512
+  num_hidden_layers: int = 2
+
+  @nn.compact
+  def __call__(self, feature_map, z) -> jax.Array:
+    b, h, w, _ = feature_map.shape
+    tiled = jnp.broadcast_to(z[:, None, None, :], (b, h, w, z.shape[-1]))
+    y = jnp.concatenate([feature_map, tiled], axis=-1)
+    for i in range(self.num_hidden_layers):
+      y = nn.relu(nn.Conv(self.hidden, (1, 1), name=f"hidden{i + 1}")(y))
+    return jnp.mean(nn.Conv(1, (1, 1), name="score")(y), axis=(1, 2, 3))
+
+
+class Discriminator(nn.Module):
+  """D: 3 FC layers telling joint (z_exp, z_id) from shuffled pairs; returns logits."""
+
+  hidden: int = 512
+
+  @nn.compact
+  def __call__(self, z_exp, z_id) -> jax.Array:
+    h = jnp.concatenate([z_exp, z_id], axis=-1)
+    h = nn.leaky_relu(nn.Dense(self.hidden, name="fc1")(h), 0.2)
+    h = nn.leaky_relu(nn.Dense(self.hidden, name="fc2")(h), 0.2)
+    return nn.Dense(1, name="fc3")(h)[..., 0]
+
+
+class Classifier(nn.Module):
+  """Stage-3 expression classifier: MLP on z_exp -> class logits."""
+
+  num_classes: int = 7
+  hidden: Sequence[int] = (256,)
+  dropout: float = 0.0
+
+  @nn.compact
+  def __call__(self, z, train: bool = False) -> jax.Array:
+    h = z
+    for i, width in enumerate(self.hidden):
+      h = nn.relu(nn.Dense(width, name=f"hidden{i + 1}")(h))
+      h = nn.Dropout(self.dropout, deterministic=not train)(h)
+    return nn.Dense(self.num_classes, name="logits")(h)
+
+
+class DiceferModel(NamedTuple):
+  """The module definitions of one DICE-FER model (no parameters)."""
+
+  exp_encoder: ResNet18Encoder
+  id_encoder: ResNet18Encoder
+  exp_global_critic: GlobalCritic
+  exp_local_critic: LocalCritic
+  id_global_critic: GlobalCritic
+  id_local_critic: LocalCritic
+  discriminator: Discriminator
+  classifier: Classifier
+  # The supervised baseline's head: linear, on the pooled feature of exp_encoder.
+  baseline_head: Classifier
+
+
+def build_model(model_config, num_classes: int) -> DiceferModel:
+  """Module definitions from the `model` block of a config."""
+  c = model_config
+  dtype = jnp.bfloat16 if c.get("half_precision", False) else jnp.float32
+  encoder = lambda dim: ResNet18Encoder(dim, c.width, c.local_stage, dtype)
+  global_critic = GlobalCritic(c.critic_hidden)
+  local_critic = LocalCritic(c.critic_hidden)
+  return DiceferModel(
+      exp_encoder=encoder(c.exp_dim), id_encoder=encoder(c.id_dim),
+      exp_global_critic=global_critic, exp_local_critic=local_critic,
+      id_global_critic=global_critic, id_local_critic=local_critic,
+      discriminator=Discriminator(c.disc_hidden),
+      classifier=Classifier(num_classes, tuple(c.classifier_hidden), c.classifier_dropout),
+      baseline_head=Classifier(num_classes, hidden=()))
+
+
+def init_variables(model: DiceferModel, key: jax.Array, image_size: int):
+  """Initial `params` and `batch_stats` of every module, keyed by module name."""
+  keys = dict(zip(DiceferModel._fields, jax.random.split(key, len(DiceferModel._fields))))
+  images = jnp.zeros((2, image_size, image_size, 1), jnp.float32)
+  params, batch_stats = {}, {}
+  for name in ("exp_encoder", "id_encoder"):
+    v = getattr(model, name).init(keys[name], images, train=False)
+    params[name], batch_stats[name] = v["params"], v["batch_stats"]
+  enc = jax.eval_shape(lambda: model.exp_encoder.apply(
+      {"params": params["exp_encoder"], "batch_stats": batch_stats["exp_encoder"]},
+      images, train=False))
+  feature = jnp.zeros(enc.feature.shape, jnp.float32)
+  fmap = jnp.zeros(enc.feature_map.shape, jnp.float32)
+  z_exp = jnp.zeros((2, model.exp_encoder.code_dim))
+  z_id = jnp.zeros((2, model.id_encoder.code_dim))
+  both = jnp.concatenate([z_exp, z_id], axis=-1)
+  params["exp_global_critic"] = model.exp_global_critic.init(
+      keys["exp_global_critic"], feature, z_exp)["params"]
+  params["exp_local_critic"] = model.exp_local_critic.init(
+      keys["exp_local_critic"], fmap, z_exp)["params"]
+  params["id_global_critic"] = model.id_global_critic.init(
+      keys["id_global_critic"], feature, both)["params"]
+  params["id_local_critic"] = model.id_local_critic.init(
+      keys["id_local_critic"], fmap, both)["params"]
+  params["discriminator"] = model.discriminator.init(
+      keys["discriminator"], z_exp, z_id)["params"]
+  params["classifier"] = model.classifier.init(keys["classifier"], z_exp)["params"]
+  params["baseline_head"] = model.baseline_head.init(keys["baseline_head"], feature)["params"]
+  return params, batch_stats

@@ -1,0 +1,316 @@
+"""Pure, jit-compiled step functions of the three DICE-FER stages and the baseline.
+
+Every stage carries the parameters of the WHOLE model in its state, and an optax
+state only for what the stage trains; gradients are taken with respect to that
+subset alone. So a frozen part is not merely "not updated by convention": it is
+never an argument of `jax.grad`, and tests can compare whole trees before and after.
+
+A step is `step(state, batch) -> (state, metrics)`; randomness comes from
+`fold_in(state.rng, state.step)`, so a step is a pure function of its inputs.
+"""
+
+from typing import Any, Callable, Mapping
+
+import chex
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+
+from dicefer_jax import mi
+from dicefer_jax.models import DiceferModel
+
+# What each stage trains, by optimizer. Everything else is frozen in that stage.
+TRAINABLE = {
+    "stage1": {"main": ("exp_encoder", "exp_global_critic", "exp_local_critic")},
+    "stage2": {"main": ("id_encoder", "id_global_critic", "id_local_critic"),
+               "disc": ("discriminator",)},
+    "stage3": {"main": ("classifier",)},
+    "baseline": {"main": ("exp_encoder", "baseline_head")},
+}
+# Which batch each stage eats: same-expression pairs, or labelled single images.
+PAIR_STAGES = ("stage1", "stage2")
+
+
+class StageState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any        # {module name: params} for every module of the model
+  batch_stats: Any   # {"exp_encoder": ..., "id_encoder": ...}
+  opt_state: Any     # {optimizer name: optax state of its trainable subset}
+  rng: jax.Array
+
+
+def make_optimizers(train_config, stage: str) -> dict[str, optax.GradientTransformation]:
+  """Adam per optimizer of the stage, with optional global-norm clipping."""
+  def adam(lr):
+    chain = []
+    if train_config.get("grad_clip_norm", 0.0):
+      chain.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
+    chain.append(optax.adam(lr, b1=train_config.adam_b1, b2=train_config.adam_b2))
+    return optax.chain(*chain)
+  optimizers = {"main": adam(train_config.learning_rate)}
+  if stage == "stage2":
+    optimizers["disc"] = adam(train_config.get("disc_learning_rate") or
+                              train_config.learning_rate)
+  return optimizers
+
+
+def _subset(tree: Mapping, names) -> dict:
+  return {name: tree[name] for name in names}
+
+
+def create_state(stage: str, params, batch_stats, optimizers, rng) -> StageState:
+  opt_state = {name: tx.init(_subset(params, TRAINABLE[stage][name]))
+               for name, tx in optimizers.items()}
+  return StageState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=batch_stats, opt_state=opt_state, rng=rng)
+
+
+def _apply_updates(tx, opt_state, params_subset, grads):
+  updates, opt_state = tx.update(grads, opt_state, params_subset)
+  return optax.apply_updates(params_subset, updates), opt_state
+
+
+def _encode(encoder, params, batch_stats, name, images, train: bool):
+  """Runs an encoder; returns (output, new batch_stats for `name`)."""
+  variables = {"params": params[name], "batch_stats": batch_stats[name]}
+  if train:
+    out, mutated = encoder.apply(variables, images, train=True, mutable=["batch_stats"])
+    return out, mutated["batch_stats"]
+  return encoder.apply(variables, images, train=False), batch_stats[name]
+
+
+def _check_pair_batch(batch):
+  chex.assert_rank([batch["image_m"], batch["image_n"]], 4)
+  chex.assert_equal_shape([batch["image_m"], batch["image_n"]])
+  chex.assert_shape(batch["label"], (batch["image_m"].shape[0],))
+
+
+def _bce_with_logits(logits, target: float):
+  return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, jnp.full_like(logits, target)))
+
+
+def _finite(*xs):
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
+
+
+def make_stage1_step(model: DiceferModel, loss_config, optimizers) -> Callable:
+  """Stage 1: learn E_exp by cross mutual information between a pair's images.
+
+  loss = -[mu (I_g(M; z_N) + I_g(N; z_M)) + nu (I_l(M; z_N) + I_l(N; z_M))]
+         + delta * mean|z_M - z_N|
+  """
+  c = loss_config
+  tx = optimizers["main"]
+
+  def step(state: StageState, batch):
+    _check_pair_batch(batch)
+    b = batch["image_m"].shape[0]
+    perm = mi.marginal_permutation(jax.random.fold_in(state.rng, state.step), b)
+    images = jnp.concatenate([batch["image_m"], batch["image_n"]], axis=0)
+    trainable = _subset(state.params, TRAINABLE["stage1"]["main"])
+
+    def loss_fn(trainable):
+      params = {**state.params, **trainable}
+      out, new_stats = _encode(model.exp_encoder, params, state.batch_stats,
+                               "exp_encoder", images, train=True)
+      f_m, f_n = jnp.split(out.feature, 2)
+      c_m, c_n = jnp.split(out.feature_map, 2)
+      z_m, z_n = jnp.split(out.code, 2)
+      global_score = lambda x, z: model.exp_global_critic.apply(
+          {"params": params["exp_global_critic"]}, x, z)
+      local_score = lambda x, z: model.exp_local_critic.apply(
+          {"params": params["exp_local_critic"]}, x, z)
+      mi_global = mi.cross_mutual_information(global_score, f_m, f_n, z_m, z_n, perm, c.swap)
+      mi_local = mi.cross_mutual_information(local_score, c_m, c_n, z_m, z_n, perm, c.swap)
+      # Mean over dimensions, not the sum: the pull between partners should not
+      # grow with code_dim and swamp the MI terms (bounded by 2 log B).
+      l1 = jnp.mean(jnp.abs(z_m - z_n))
+      loss = -(c.mu * mi_global + c.nu * mi_local) + c.delta * l1
+      return loss, (new_stats, dict(mi_global=mi_global, mi_local=mi_local, l1=l1))
+
+    (loss, (new_stats, metrics)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(trainable)
+    trainable, opt_state = _apply_updates(tx, state.opt_state["main"], trainable, grads)
+    new_state = state.replace(
+        step=state.step + 1, params={**state.params, **trainable},
+        batch_stats={**state.batch_stats, "exp_encoder": new_stats},
+        opt_state={"main": opt_state})
+    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+                   finite=_finite(loss, metrics["mi_global"], metrics["mi_local"]))
+    return new_state, metrics
+
+  return step
+
+
+def make_stage2_step(model: DiceferModel, loss_config, optimizers,
+                     disc_steps: int = 1) -> Callable:
+  """Stage 2: learn E_id with E_exp frozen; D adversarially removes I(z_exp; z_id).
+
+  For every image X of the pair, with t = [z_exp(X), z_id(X)]:
+    E_id + critics minimise -(mu I_g(X; t) + nu I_l(X; t)) + zeta * fool(D)
+    D minimises BCE(D(z_exp, z_id) -> joint) + BCE(D(z_exp, z_id') -> shuffled)
+  where fool(D) is D's loss with the labels flipped (the non-saturating form: the
+  encoder's gradient does not vanish when D is confident). D and E_id are updated
+  from the same forward pass; `disc_steps` extra D updates reuse its codes.
+  """
+  c = loss_config
+  tx_main, tx_disc = optimizers["main"], optimizers["disc"]
+
+  def disc_logits(params, z_exp, z_id, perm):
+    d = lambda zi: model.discriminator.apply({"params": params["discriminator"]}, z_exp, zi)
+    return d(z_id), d(z_id[perm])
+
+  def step(state: StageState, batch):
+    _check_pair_batch(batch)
+    b = batch["image_m"].shape[0]
+    key = jax.random.fold_in(state.rng, state.step)
+    perm_pair = mi.marginal_permutation(key, b)
+    perm_all = mi.marginal_permutation(jax.random.fold_in(key, 1), 2 * b)
+    images = jnp.concatenate([batch["image_m"], batch["image_n"]], axis=0)
+    exp_out, _ = _encode(model.exp_encoder, state.params, state.batch_stats,
+                         "exp_encoder", images, train=False)
+    z_exp = jax.lax.stop_gradient(exp_out.code)
+    trainable = _subset(state.params, TRAINABLE["stage2"]["main"])
+
+    def loss_fn(trainable):
+      params = {**state.params, **trainable}
+      out, new_stats = _encode(model.id_encoder, params, state.batch_stats,
+                               "id_encoder", images, train=True)
+      t = jnp.concatenate([z_exp, out.code], axis=-1)
+      global_score = lambda x, z: model.id_global_critic.apply(
+          {"params": params["id_global_critic"]}, x, z)
+      local_score = lambda x, z: model.id_local_critic.apply(
+          {"params": params["id_local_critic"]}, x, z)
+      mi_global = sum(mi.dv_mutual_information(global_score, f, z, perm_pair) for f, z in
+                      zip(jnp.split(out.feature, 2), jnp.split(t, 2)))
+      mi_local = sum(mi.dv_mutual_information(local_score, f, z, perm_pair) for f, z in
+                     zip(jnp.split(out.feature_map, 2), jnp.split(t, 2)))
+      joint, shuffled = disc_logits(params, z_exp, out.code, perm_all)
+      fool = _bce_with_logits(joint, 0.0) + _bce_with_logits(shuffled, 1.0)
+      loss = -(c.mu * mi_global + c.nu * mi_local) + c.zeta * fool
+      return loss, (new_stats, out.code, dict(mi_global=mi_global, mi_local=mi_local,
+                                              adv_fool=fool))
+
+    (loss, (new_stats, z_id, metrics)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(trainable)
+    trainable, main_opt = _apply_updates(tx_main, state.opt_state["main"], trainable, grads)
+
+    z_id = jax.lax.stop_gradient(z_id)
+
+    def disc_loss_fn(disc_params):
+      joint, shuffled = disc_logits(disc_params, z_exp, z_id, perm_all)
+      loss = _bce_with_logits(joint, 1.0) + _bce_with_logits(shuffled, 0.0)
+      accuracy = 0.5 * (jnp.mean(joint > 0) + jnp.mean(shuffled < 0))
+      return loss, accuracy
+
+    disc_params = _subset(state.params, TRAINABLE["stage2"]["disc"])
+    disc_opt = state.opt_state["disc"]
+    for _ in range(disc_steps):
+      (disc_loss, disc_acc), disc_grads = jax.value_and_grad(
+          disc_loss_fn, has_aux=True)(disc_params)
+      disc_params, disc_opt = _apply_updates(tx_disc, disc_opt, disc_params, disc_grads)
+
+    new_state = state.replace(
+        step=state.step + 1, params={**state.params, **trainable, **disc_params},
+        batch_stats={**state.batch_stats, "id_encoder": new_stats},
+        opt_state={"main": main_opt, "disc": disc_opt})
+    metrics = dict(metrics, loss=loss, disc_loss=disc_loss, disc_accuracy=disc_acc,
+                   grad_norm=optax.global_norm(grads),
+                   disc_grad_norm=optax.global_norm(disc_grads),
+                   finite=_finite(loss, disc_loss))
+    return new_state, metrics
+
+  return step
+
+
+def _classification_metrics(logits, labels):
+  loss = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
+  return loss, jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def make_stage3_step(model: DiceferModel, optimizers) -> Callable:
+  """Stage 3: an MLP classifier on the frozen expression code, cross-entropy."""
+  tx = optimizers["main"]
+
+  def step(state: StageState, batch):
+    chex.assert_rank(batch["image"], 4)
+    chex.assert_shape(batch["label"], (batch["image"].shape[0],))
+    exp_out, _ = _encode(model.exp_encoder, state.params, state.batch_stats,
+                         "exp_encoder", batch["image"], train=False)
+    z_exp = jax.lax.stop_gradient(exp_out.code)
+    dropout_key = jax.random.fold_in(state.rng, state.step)
+    trainable = _subset(state.params, TRAINABLE["stage3"]["main"])
+
+    def loss_fn(trainable):
+      logits = model.classifier.apply({"params": trainable["classifier"]}, z_exp,
+                                      train=True, rngs={"dropout": dropout_key})
+      return _classification_metrics(logits, batch["label"])
+
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
+    trainable, opt_state = _apply_updates(tx, state.opt_state["main"], trainable, grads)
+    new_state = state.replace(step=state.step + 1, params={**state.params, **trainable},
+                              opt_state={"main": opt_state})
+    return new_state, dict(loss=loss, train_accuracy=accuracy,
+                           grad_norm=optax.global_norm(grads), finite=_finite(loss))
+
+  return step
+
+
+def make_baseline_step(model: DiceferModel, optimizers) -> Callable:
+  """The supervised baseline: the same ResNet-18, cross-entropy only, end to end."""
+  tx = optimizers["main"]
+
+  def step(state: StageState, batch):
+    chex.assert_rank(batch["image"], 4)
+    chex.assert_shape(batch["label"], (batch["image"].shape[0],))
+    trainable = _subset(state.params, TRAINABLE["baseline"]["main"])
+
+    def loss_fn(trainable):
+      params = {**state.params, **trainable}
+      out, new_stats = _encode(model.exp_encoder, params, state.batch_stats,
+                               "exp_encoder", batch["image"], train=True)
+      logits = model.baseline_head.apply({"params": params["baseline_head"]}, out.feature)
+      loss, accuracy = _classification_metrics(logits, batch["label"])
+      return loss, (new_stats, accuracy)
+
+    (loss, (new_stats, accuracy)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(trainable)
+    trainable, opt_state = _apply_updates(tx, state.opt_state["main"], trainable, grads)
+    new_state = state.replace(
+        step=state.step + 1, params={**state.params, **trainable},
+        batch_stats={**state.batch_stats, "exp_encoder": new_stats},
+        opt_state={"main": opt_state})
+    return new_state, dict(loss=loss, train_accuracy=accuracy,
+                           grad_norm=optax.global_norm(grads), finite=_finite(loss))
+
+  return step
+
+
+def make_step(stage: str, model: DiceferModel, config, optimizers) -> Callable:
+  """The (unjitted) step function of a stage."""
+  if stage == "stage1":
+    return make_stage1_step(model, config.loss, optimizers)
+  if stage == "stage2":
+    return make_stage2_step(model, config.loss, optimizers, config.train.disc_steps)
+  if stage == "stage3":
+    return make_stage3_step(model, optimizers)
+  if stage == "baseline":
+    return make_baseline_step(model, optimizers)
+  raise ValueError(f"unknown stage {stage!r}")
+
+
+def make_embed_fn(model: DiceferModel) -> Callable:
+  """(params, batch_stats, images) -> dict of codes and logits, all in eval mode."""
+
+  def embed(params, batch_stats, images):
+    exp_out, _ = _encode(model.exp_encoder, params, batch_stats, "exp_encoder",
+                         images, train=False)
+    id_out, _ = _encode(model.id_encoder, params, batch_stats, "id_encoder",
+                        images, train=False)
+    return dict(
+        z_exp=exp_out.code, z_id=id_out.code, feature=exp_out.feature,
+        dicefer_logits=model.classifier.apply({"params": params["classifier"]}, exp_out.code),
+        baseline_logits=model.baseline_head.apply({"params": params["baseline_head"]},
+                                                  exp_out.feature))
+  return embed

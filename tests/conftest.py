@@ -1,0 +1,37 @@
+"""Shared pytest fixtures: tiny face sets written into tmp_path."""
+
+import os
+
+import cv2
+import numpy as np
+import pytest
+
+from dicefer_jax import contract
+
+# Small on purpose: the CI machine has 2 shared cores.
+TINY_SUBJECTS = 6
+TINY_IMAGES_PER_SUBJECT = 3
+
+
+@pytest.fixture
+def tiny_faceset(tmp_path):
+  """A face set on disk: 7 classes x 6 subjects x 3 random 112x112 PNGs.
+
+  Returns the directory (str); its manifest.csv follows the data contract, with
+  subjects "s0".."s5", source "tiny" and no official split.
+  """
+  data_dir = str(tmp_path / "faces")
+  rng = np.random.default_rng(0)
+  records = []
+  for expression in contract.EXPRESSIONS:
+    os.makedirs(os.path.join(data_dir, expression), exist_ok=True)
+    for s in range(TINY_SUBJECTS):
+      for k in range(TINY_IMAGES_PER_SUBJECT):
+        path = f"{expression}/s{s}_{k}.png"
+        image = rng.integers(0, 256, (contract.IMAGE_SIZE, contract.IMAGE_SIZE),
+                             dtype=np.uint8)
+        assert cv2.imwrite(os.path.join(data_dir, path), image)
+        records.append(contract.Record(path=path, expression=expression,
+                                       subject=f"s{s}", source="tiny"))
+  contract.write_manifest(data_dir, records)
+  return data_dir
