@@ -1,0 +1,306 @@
+"""Training loops: one stage at a time, with Orbax checkpoints, resume and logging.
+
+`train_and_evaluate(config, workdir, stages)` runs the requested stages in order.
+Each stage starts from the previous stage's final checkpoint (its parameters and
+batch statistics, with a fresh optimizer), resumes from its own latest checkpoint
+when one exists, and skips itself when its final checkpoint is already there.
+"""
+
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from dicefer_jax import checkpoints, contract, input_pipeline, models, steps
+from dicefer_jax.data import FaceData
+from dicefer_jax.errors import UserError
+
+DICEFER_STAGES = ("stage1", "stage2", "stage3")
+# The stage whose final checkpoint a stage starts from.
+PREREQUISITE = {"stage1": None, "stage2": "stage1", "stage3": "stage2", "baseline": None}
+# Fields that may change between runs in one workdir (they do not change the model
+# or what a checkpoint means); any other difference is refused.
+MUTABLE_FIELDS = ("stage1.num_steps", "stage2.num_steps", "stage3.num_steps",
+                  "baseline.num_steps", "log_every", "checkpoint_every",
+                  "keep_checkpoints", "eval_batch_size", "synthetic.cache_dir")
+CONFIG_NAME = "config.json"
+
+
+class TrainingDiverged(UserError):
+  """A loss became NaN or inf; the last good checkpoint is kept."""
+
+
+def stages_for(config, stage_flag: str) -> list[str]:
+  """The stage names a `--stage` flag value stands for."""
+  if config.method == "baseline":
+    if stage_flag not in ("all", "baseline"):
+      raise UserError(f"--stage={stage_flag} does not apply to method 'baseline': use "
+                      "--stage=all (the baseline has one stage)")
+    return ["baseline"]
+  if config.method != "dicefer":
+    raise UserError(f"unknown method {config.method!r}: use 'dicefer' or 'baseline'")
+  if stage_flag == "all":
+    return list(DICEFER_STAGES)
+  if stage_flag in ("1", "2", "3"):
+    return [f"stage{stage_flag}"]
+  raise UserError(f"--stage={stage_flag} is not a stage: use 1, 2, 3 or all")
+
+
+def final_stage(config) -> str:
+  return "baseline" if config.method == "baseline" else "stage3"
+
+
+def _flatten(d, prefix=""):
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
+  return out
+
+
+def check_and_save_config(config, workdir: str) -> None:
+  """Saves the resolved config beside the checkpoints; refuses a mismatched workdir."""
+  os.makedirs(workdir, exist_ok=True)
+  path = os.path.join(workdir, CONFIG_NAME)
+  current = json.loads(config.to_json_best_effort())
+  if os.path.exists(path):
+    with open(path) as f:
+      saved = json.load(f)
+    a, b = _flatten(saved), _flatten(current)
+    differ = sorted(k for k in set(a) | set(b)
+                    if a.get(k) != b.get(k) and k not in MUTABLE_FIELDS)
+    if differ:
+      raise UserError(
+          f"workdir {workdir!r} holds checkpoints from another config (differs in "
+          f"{', '.join(differ[:5])}{'...' if len(differ) > 5 else ''}): use a new "
+          "--workdir, or pass the same config")
+  elif os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UserError(
+        f"workdir {workdir!r} holds checkpoints but no {CONFIG_NAME}, so they cannot be "
+        "matched to this config: use a new --workdir")
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(current, f, indent=2, sort_keys=True)
+  os.replace(tmp, path)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, CONFIG_NAME)
+  if not os.path.exists(path):
+    raise UserError(f"{path} not found: {workdir!r} is not a training workdir; train "
+                    "first with `python -m experiments.run --workdir=...`")
+  with open(path) as f:
+    d = json.load(f)
+  d["model"]["classifier_hidden"] = tuple(d["model"]["classifier_hidden"])
+  return ml_collections.ConfigDict(d)
+
+
+# ----------------------------------------------------------------------------
+# Devices: data parallel over every local device (GSPMD). BatchNorm statistics are
+# then computed over the global batch, as on one device.
+
+
+def make_shardings():
+  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+  return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+
+
+def _check_batch_divisible(batch_size: int) -> None:
+  n = jax.device_count()
+  if batch_size % n:
+    raise UserError(f"batch_size={batch_size} is not divisible by the {n} devices: "
+                    f"use a multiple of {n} (--config.batch_size=...)")
+
+
+# ----------------------------------------------------------------------------
+
+
+def initial_state(stage: str, config, model, prev_state=None) -> steps.StageState:
+  """A fresh state for `stage`: parameters from `prev_state` or a new init."""
+  key = jax.random.PRNGKey(config.seed)
+  init_key, stage_key = jax.random.split(key)
+  params, batch_stats = models.init_variables(model, init_key, config.image_size)
+  if prev_state is not None:
+    params, batch_stats = prev_state.params, prev_state.batch_stats
+  rng = jax.random.fold_in(stage_key, ("stage1", "stage2", "stage3", "baseline").index(stage))
+  return steps.create_state(stage, params, batch_stats,
+                            steps.make_optimizers(config.train, stage), rng)
+
+
+def stage_dataset(stage: str, config, data: FaceData, start_step: int):
+  """Infinite training batches for a stage; seeded by (seed, stage, start step) so a
+  resumed run sees fresh, reproducible batches instead of replaying the first ones."""
+  stage_index = ("stage1", "stage2", "stage3", "baseline").index(stage)
+  seed = int(np.random.SeedSequence([config.seed, stage_index, start_step])
+             .generate_state(1)[0] % (2**31))
+  aug = dict(augment=True, max_rotation_degrees=config.augment.max_rotation_degrees,
+             flip=config.augment.flip)
+  if stage in steps.PAIR_STAGES:
+    return input_pipeline.pair_dataset(
+        data.train_images, data.train_labels, data.train_subjects,
+        batch_size=config.batch_size, seed=seed, **aug)
+  return input_pipeline.classification_dataset(
+      data.train_images, data.train_labels, batch_size=config.batch_size, seed=seed, **aug)
+
+
+class MetricWriter:
+  """Scalars to TensorBoard event files and to `<workdir>/metrics.jsonl`."""
+
+  def __init__(self, workdir: str):
+    from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
+    self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def write(self, stage: str, step: int, scalars: dict) -> None:
+    for k, v in scalars.items():
+      self._tb.scalar(f"{stage}/{k}", v, step)
+    self._jsonl.write(json.dumps(dict(stage=stage, step=step, **scalars)) + "\n")
+    self._jsonl.flush()
+
+  def close(self):
+    self._tb.flush()
+    self._jsonl.close()
+
+
+def _format_line(stage, step, num_steps, scalars, images_per_s, eta_s):
+  shown = " ".join(f"{k} {v:.4g}" for k, v in scalars.items()
+                   if k not in ("finite", "images_per_s"))
+  return (f"{stage} step {step}/{num_steps} | {shown} | {images_per_s:.1f} img/s | "
+          f"eta {eta_s / 60:.1f} min")
+
+
+def train_stage(stage: str, config, workdir: str, model, data: FaceData,
+                writer: MetricWriter, make_step: Callable = steps.make_step
+                ) -> steps.StageState:
+  """Trains one stage to its num_steps, resuming from its latest checkpoint."""
+  num_steps = int(config[stage].num_steps)
+  prev = PREREQUISITE[stage]
+  prev_state = None
+  if prev is not None:
+    if checkpoints.latest_step(workdir, prev) != int(config[prev].num_steps):
+      raise UserError(
+          f"{stage} needs the final checkpoint of {prev} in "
+          f"{checkpoints.stage_dir(workdir, prev)}: run --stage={prev[-1]} first "
+          "(or --stage=all)")
+    prev_template = initial_state(prev, config, model)
+    prev_state, _ = checkpoints.restore_final(workdir, prev, prev_template)
+
+  state = initial_state(stage, config, model, prev_state)
+  replicated, data_sharding = make_shardings()
+  _check_batch_divisible(config.batch_size)
+  mngr = checkpoints.manager(workdir, stage, keep=config.keep_checkpoints)
+  start = mngr.latest_step()
+  if start is not None:
+    if start > num_steps:
+      raise UserError(f"{stage} already has a checkpoint at step {start} > num_steps="
+                      f"{num_steps}: raise --config.{stage}.num_steps or use a new workdir")
+    state, _ = checkpoints.restore(mngr, state)
+    if start == num_steps:
+      logging.info("%s: already complete (step %d), skipping", stage, start)
+      mngr.close()
+      return state
+    logging.info("%s: resuming from step %d", stage, start)
+  start = int(state.step)
+  state = jax.device_put(state, replicated)
+
+  step_fn = jax.jit(make_step(stage, model, config, steps.make_optimizers(config.train, stage)),
+                    donate_argnums=0)
+  batches = input_pipeline.as_numpy_iterator(stage_dataset(stage, config, data, start))
+  images_per_step = config.batch_size * (2 if stage in steps.PAIR_STAGES else 1)
+  meta = dict(stage=stage, num_steps=num_steps, method=config.method)
+
+  pending = []           # per-step metrics (device arrays) since the last check
+  last_good_save = start
+  window_start, window_step = time.time(), start
+  print(f"{stage}: training steps {start}..{num_steps} on {jax.device_count()} "
+        f"{jax.devices()[0].platform} device(s), {images_per_step} images/step", flush=True)
+
+  def check_finite():
+    """Raises TrainingDiverged naming the first step whose loss was not finite."""
+    flags = np.asarray(jax.device_get([m["finite"] for m in pending]))
+    if not flags.all():
+      bad = int(state.step) - len(pending) + int(np.argmin(flags)) + 1
+      mngr.wait_until_finished()
+      raise TrainingDiverged(
+          f"{stage}: loss became NaN or inf at step {bad}; stopped. The last good "
+          f"checkpoint (step {last_good_save}) is kept in {checkpoints.stage_dir(workdir, stage)}."
+          " Lower --config.train.learning_rate or set --config.train.grad_clip_norm=1.0")
+
+  try:
+    for step in range(start + 1, num_steps + 1):
+      batch = jax.device_put(next(batches), data_sharding)
+      state, metrics = step_fn(state, batch)
+      pending.append(metrics)
+      if step % config.log_every == 0 or step == num_steps:
+        check_finite()
+        now = time.time()
+        scalars = {k: float(np.mean([float(m[k]) for m in pending]))
+                   for k in pending[0] if k != "finite"}
+        rate = images_per_step * (step - window_step) / max(now - window_start, 1e-9)
+        scalars["images_per_s"] = rate
+        writer.write(stage, step, scalars)
+        print(_format_line(stage, step, num_steps, scalars, rate,
+                           (num_steps - step) * images_per_step / max(rate, 1e-9)), flush=True)
+        pending.clear()
+        window_start, window_step = now, step
+      if step % config.checkpoint_every == 0 or step == num_steps:
+        if pending:
+          check_finite()
+        checkpoints.save(mngr, state, meta)
+        last_good_save = step
+    mngr.wait_until_finished()
+  finally:
+    mngr.close()
+  return state
+
+
+def predict(config, model, state: steps.StageState, images: np.ndarray) -> dict:
+  """Codes, features and logits of every image (eval mode), as numpy arrays."""
+  replicated, data_sharding = make_shardings()
+  embed = jax.jit(steps.make_embed_fn(model))
+  params = jax.device_put(state.params, replicated)
+  batch_stats = jax.device_put(state.batch_stats, replicated)
+  labels = np.zeros(len(images), np.int32)
+  outputs = []
+  for batch in input_pipeline.as_numpy_iterator(
+      input_pipeline.eval_dataset(images, labels, batch_size=config.eval_batch_size)):
+    out = embed(params, batch_stats, jax.device_put(batch["image"], data_sharding))
+    out = jax.device_get(out)
+    outputs.append({k: v[batch["mask"]] for k, v in out.items()})
+  result = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
+  logits_key = "baseline_logits" if config.method == "baseline" else "dicefer_logits"
+  result["logits"] = result[logits_key]
+  result["prediction"] = np.argmax(result["logits"], -1)
+  return result
+
+
+def train_and_evaluate(config, workdir: str, stage_names: Sequence[str], data: FaceData,
+                       make_step: Callable = steps.make_step) -> dict | None:
+  """Runs the stages in order; after the final stage, measures test accuracy."""
+  model = models.build_model(config.model, contract.NUM_CLASSES)
+  writer = MetricWriter(workdir)
+  try:
+    state = None
+    for stage in stage_names:
+      state = train_stage(stage, config, workdir, model, data, writer, make_step)
+    if stage_names[-1] != final_stage(config):
+      return None
+    out = predict(config, model, state, data.test_images)
+    accuracy = float(np.mean(out["prediction"] == data.test_labels))
+    summary = dict(test_accuracy=accuracy, num_test=int(len(data.test_labels)),
+                   split=data.split_info.as_dict(), data_dir=data.data_dir)
+    writer.write(stage_names[-1], int(state.step), dict(test_accuracy=accuracy))
+    with open(os.path.join(workdir, "train_metrics.json"), "w") as f:
+      json.dump(summary, f, indent=2)
+    return summary
+  finally:
+    writer.close()
