@@ -309,7 +309,7 @@ class _Canvas:
 
   def __init__(self, background: float, matrix: np.ndarray, yaw: float,
                scale: float):
-    self.img = np.full((SIZE, SIZE), int(round(background)), np.uint8)
+    self.img = np.full((SIZE, SIZE), _c(background), np.uint8)
     self.m = matrix
     self.yaw = yaw
     self.scale = scale
@@ -665,3 +665,290 @@ def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
   f += rng.standard_normal((SIZE, SIZE), dtype=np.float32) * np.float32(
       rng.uniform(1.0, 6.0))
   return np.clip(f + 0.5, 0.0, 255.0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------
+# Writing a face set.
+
+
+def image_relpath(subject_id: str, expression: str, k: int) -> str:
+  return f"{expression}/{subject_id}_{expression}_{k}.png"
+
+
+def _all_relpaths(num_subjects: int, images_per_cell: int) -> list[str]:
+  return [image_relpath(f"s{i:03d}", e, k)
+          for i in range(num_subjects) for e in contract.EXPRESSIONS
+          for k in range(images_per_cell)]
+
+
+def _render_subject(job) -> tuple[list[dict], float]:
+  """Renders and writes all images of one subject (runs in a worker process)."""
+  output_dir, subject, images_per_cell, seed = job
+  cv2.setNumThreads(1)  # one worker, one core
+  start = time.perf_counter()
+  rows = []
+  for expression in contract.EXPRESSIONS:
+    for k in range(images_per_cell):
+      rng = image_rng(seed, subject.index, expression, k)
+      intensity = 0.0
+      if expression != "neutral":
+        intensity = float(rng.uniform(*INTENSITY_RANGE))
+      img = render_face(subject, expression, intensity, rng)
+      rel = image_relpath(subject.subject_id, expression, k)
+      ok, buf = cv2.imencode(".png", img)
+      if not ok:
+        raise OSError(f"could not encode {rel}")
+      with open(os.path.join(output_dir, rel), "wb") as f:
+        f.write(buf.tobytes())
+      rows.append({"path": rel, "expression": expression,
+                   "subject": subject.subject_id, "source": SOURCE, "split": "",
+                   "intensity": f"{intensity:.3f}"})
+  return rows, time.perf_counter() - start
+
+
+def _read_params(output_dir: str) -> Optional[dict]:
+  path = os.path.join(output_dir, PARAMS_NAME)
+  try:
+    with open(path) as f:
+      params = json.load(f)
+  except (OSError, ValueError):
+    return None
+  if not isinstance(params, dict) or params.get("generator") != "data_tools.synthetic":
+    return None
+  return params
+
+
+def _write_params(output_dir: str, params: dict):
+  tmp = os.path.join(output_dir, f".{PARAMS_NAME}.tmp")
+  with open(tmp, "w") as f:
+    json.dump(params, f, indent=2, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, os.path.join(output_dir, PARAMS_NAME))
+
+
+def _wanted_params(num_subjects, images_per_cell, seed, confounders) -> dict:
+  return {"generator": "data_tools.synthetic", "version": RENDER_VERSION,
+          "num_subjects": int(num_subjects), "images_per_cell": int(images_per_cell),
+          "seed": int(seed), "confounders": float(confounders)}
+
+
+def _existing_entries(output_dir: str) -> list[str]:
+  """Files under output_dir (relative paths); empty folders do not count."""
+  found = []
+  for root, _, files in os.walk(output_dir):
+    for name in files:
+      found.append(os.path.relpath(os.path.join(root, name), output_dir))
+  return sorted(found)
+
+
+def _check_args(num_subjects: int, images_per_cell: int, confounders: float):
+  if num_subjects < 1 or num_subjects > 1000:
+    raise UserError(f"--num_subjects={num_subjects}: use 1 to 1000 subjects")
+  if images_per_cell < 1:
+    raise UserError(f"--images_per_cell={images_per_cell}: use at least 1 image "
+                    "per subject and expression")
+  if not 0.0 <= confounders <= 3.0:
+    raise UserError(f"--confounders={confounders}: use a scale from 0 (no identity "
+                    "confounders) to 3")
+
+
+def _default_workers() -> int:
+  try:
+    return max(1, len(os.sched_getaffinity(0)))
+  except AttributeError:
+    return max(1, os.cpu_count() or 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateStats:
+  num_images: int
+  seconds: float
+  images_per_second: float        # wall clock, all workers
+  images_per_core_second: float   # rendering + PNG writing, per busy core
+  workers: int
+
+
+def generate(output_dir: str, num_subjects: int = 60, images_per_cell: int = 10,
+             seed: int = 0, *, confounders: float = 1.0, workers: int = 0,
+             overwrite: bool = False,
+             log: Optional[Callable[[str], None]] = None) -> GenerateStats:
+  """Writes a synthetic face set into output_dir.
+
+  Refuses (UserError) a directory that already holds files unless `overwrite`;
+  even then it deletes only images that an earlier run of this generator wrote
+  there (computed from that run's recorded parameters), never anything else.
+  """
+  _check_args(num_subjects, images_per_cell, confounders)
+  output_dir = os.path.abspath(output_dir)
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise UserError(f"--output_dir={output_dir} is a file, not a directory")
+  existing = _existing_entries(output_dir) if os.path.isdir(output_dir) else []
+  if existing and not overwrite:
+    if os.path.isfile(os.path.join(output_dir, contract.MANIFEST_NAME)):
+      what = f"already holds a face set ({contract.MANIFEST_NAME})"
+    else:
+      what = f"already holds {len(existing)} file(s), e.g. {existing[0]!r}"
+    raise UserError(f"output directory {output_dir} {what}: pass --overwrite to "
+                    "write into it anyway, or choose a new --output_dir")
+
+  new_paths = _all_relpaths(num_subjects, images_per_cell)
+  old = _read_params(output_dir) if existing else None
+  if old is not None:
+    # Stale images of an earlier, larger synthetic run: ours, so remove them.
+    try:
+      old_paths = _all_relpaths(int(old["num_subjects"]), int(old["images_per_cell"]))
+    except (KeyError, TypeError, ValueError):
+      old_paths = []
+    for rel in sorted(set(old_paths) - set(new_paths)):
+      path = os.path.join(output_dir, rel)
+      if os.path.isfile(path):
+        os.remove(path)
+
+  os.makedirs(output_dir, exist_ok=True)
+  for expression in contract.EXPRESSIONS:
+    os.makedirs(os.path.join(output_dir, expression), exist_ok=True)
+  params = _wanted_params(num_subjects, images_per_cell, seed, confounders)
+  # Marked incomplete until the manifest is in place, so an interrupted run is
+  # recognised as ours (and redone) rather than reused.
+  _write_params(output_dir, dict(params, complete=False))
+
+  subjects = make_subjects(num_subjects, seed, confounders)
+  jobs = [(output_dir, s, images_per_cell, seed) for s in subjects]
+  workers = min(workers or _default_workers(), len(jobs))
+  start = time.perf_counter()
+  rows_by_subject: list[list[dict]] = []
+  busy = 0.0
+  if workers <= 1:
+    for job in jobs:
+      rows, seconds = _render_subject(job)
+      rows_by_subject.append(rows)
+      busy += seconds
+  else:
+    # spawn, not fork: the caller may be a training process with JAX or
+    # TensorFlow threads running, and forking those can deadlock.
+    ctx = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+      for rows, seconds in pool.map(_render_subject, jobs):
+        rows_by_subject.append(rows)
+        busy += seconds
+  elapsed = time.perf_counter() - start
+
+  records = [row for rows in rows_by_subject for row in rows]
+  contract.write_manifest(output_dir, records, extra_fields=("intensity",))
+  write_contact_sheet(output_dir, subjects[:12], images_per_cell)
+  _write_params(output_dir, dict(params, complete=True, num_images=len(records)))
+  stats = GenerateStats(
+      num_images=len(records), seconds=elapsed,
+      images_per_second=len(records) / max(elapsed, 1e-9),
+      images_per_core_second=len(records) / max(busy, 1e-9), workers=workers)
+  if log:
+    log(f"wrote {stats.num_images} images of {num_subjects} subjects to {output_dir} "
+        f"in {elapsed:.1f} s: {stats.images_per_second:.0f} images/s with "
+        f"{workers} worker(s), {stats.images_per_core_second:.0f} images/s per core")
+  return stats
+
+
+def write_contact_sheet(output_dir: str, subjects: Sequence[SubjectParams],
+                        images_per_cell: int) -> str:
+  """A grid of image k=0: one row per subject, one column per expression."""
+  del images_per_cell  # k = 0 always exists
+  tile, label_w, header_h = SIZE, 44, 22
+  sheet = np.full((header_h + tile * len(subjects), label_w + tile * contract.NUM_CLASSES),
+                  255, np.uint8)
+  font = cv2.FONT_HERSHEY_SIMPLEX
+  for j, expression in enumerate(contract.EXPRESSIONS):
+    cv2.putText(sheet, expression, (label_w + j * tile + 4, 15), font, 0.42, 0, 1,
+                cv2.LINE_AA)
+  for i, subject in enumerate(subjects):
+    y = header_h + i * tile
+    cv2.putText(sheet, subject.subject_id, (3, y + tile // 2 + 4), font, 0.4, 0, 1,
+                cv2.LINE_AA)
+    for j, expression in enumerate(contract.EXPRESSIONS):
+      path = os.path.join(output_dir, image_relpath(subject.subject_id, expression, 0))
+      img = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+      if img is not None:
+        sheet[y:y + tile, label_w + j * tile:label_w + (j + 1) * tile] = img
+  path = os.path.join(output_dir, CONTACT_SHEET_NAME)
+  cv2.imwrite(path, sheet)
+  return path
+
+
+def _is_complete(output_dir: str, params: dict) -> bool:
+  """True when output_dir holds a finished set made with exactly these params."""
+  old = _read_params(output_dir)
+  if old is None or not old.get("complete"):
+    return False
+  if any(old.get(k) != v for k, v in params.items()):
+    return False
+  try:
+    records = contract.read_manifest(output_dir, check_files=True)
+  except UserError:
+    return False
+  expected = params["num_subjects"] * params["images_per_cell"] * contract.NUM_CLASSES
+  return len(records) == expected and all(r.source == SOURCE for r in records)
+
+
+def ensure_synthetic(output_dir: str, num_subjects: int = 60,
+                     images_per_cell: int = 10, seed: int = 0, *,
+                     confounders: float = 1.0, workers: int = 0,
+                     log: Optional[Callable[[str], None]] = None) -> str:
+  """Returns a directory holding the synthetic set, generating it only if needed.
+
+  Reuses a complete set made there with the same parameters (recorded in
+  synthetic.json beside the manifest); regenerates one this generator made with
+  other parameters or left unfinished; refuses (UserError) a directory holding
+  anything else.
+  """
+  _check_args(num_subjects, images_per_cell, confounders)
+  output_dir = os.path.abspath(output_dir)
+  params = _wanted_params(num_subjects, images_per_cell, seed, confounders)
+  if _is_complete(output_dir, params):
+    return output_dir
+  if os.path.isdir(output_dir) and _existing_entries(output_dir) \
+      and _read_params(output_dir) is None:
+    raise UserError(
+        f"{output_dir} holds files that data_tools.synthetic did not write: point "
+        "the synthetic set at an empty or new directory")
+  generate(output_dir, num_subjects, images_per_cell, seed, confounders=confounders,
+           workers=workers, overwrite=True, log=log)
+  return output_dir
+
+
+# ----------------------------------------------------------------------------
+# Command line.
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("output_dir", None, "Directory to write the face set into.")
+  flags.DEFINE_integer("num_subjects", 60, "Number of synthetic people.")
+  flags.DEFINE_integer("images_per_cell", 10,
+                       "Images per (subject, expression) pair.")
+  flags.DEFINE_integer("seed", 0, "Random seed; the output is a function of it.")
+  flags.DEFINE_integer("workers", 0, "Worker processes (0: one per available core).")
+  flags.DEFINE_float("confounders", 1.0,
+                     "Scale of the identity confounders (0 turns them off).")
+  flags.DEFINE_bool("overwrite", False,
+                    "Write into a directory that already holds files (only files "
+                    "this tool wrote are ever deleted).")
+  flags.mark_flag_as_required("output_dir")
+  return flags.FLAGS
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {' '.join(argv[1:])}", file=sys.stderr)
+    sys.exit(2)
+  f = FLAGS
+  try:
+    generate(f.output_dir, f.num_subjects, f.images_per_cell, f.seed,
+             confounders=f.confounders, workers=f.workers, overwrite=f.overwrite,
+             log=print)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  FLAGS = _define_flags()
+  app.run(main)

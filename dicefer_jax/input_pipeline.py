@@ -210,6 +210,12 @@ def _finish(ds: tf.data.Dataset) -> tf.data.Dataset:
   return ds.with_options(options).prefetch(tf.data.AUTOTUNE)
 
 
+def _steps_from(start_step: int) -> tf.data.Dataset:
+  if int(start_step) != start_step or start_step < 0:
+    raise ValueError(f"start_step must be a non-negative integer, got {start_step}")
+  return tf.data.Dataset.counter(start=int(start_step), dtype=tf.int64)
+
+
 def as_numpy_iterator(ds: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
   """Iterates a dataset as dicts of numpy arrays (ready for jax.device_put)."""
   return ds.as_numpy_iterator()
@@ -317,8 +323,8 @@ def pair_indices(labels: np.ndarray, subjects: Sequence[str] | None = None):
 def pair_dataset(images: np.ndarray, labels: Sequence[int],
                  subjects: Sequence[str] | None = None, *, batch_size: int,
                  seed: int, augment: bool = True,  # pylint: disable=redefined-outer-name
-                 max_rotation_degrees: float = 15.0,
-                 flip: bool = True) -> tf.data.Dataset:
+                 max_rotation_degrees: float = 15.0, flip: bool = True,
+                 start_step: int = 0) -> tf.data.Dataset:
   """Infinite, class-balanced batches of same-expression pairs (M, N).
 
   Args:
@@ -331,6 +337,9 @@ def pair_dataset(images: np.ndarray, labels: Sequence[int],
     augment: random rotation and flip, independently for M and N.
     max_rotation_degrees: rotations are uniform in [-max, max] degrees.
     flip: random horizontal flips.
+    start_step: index of the first batch. Batch b depends only on (seed, b), so
+      a run resumed at step k with start_step=k sees exactly the batches an
+      uninterrupted run would have.
 
   Returns:
     A dataset of {"image_m", "image_n": float32 (B, S, S, 1), "label": int32 (B,)},
@@ -360,7 +369,7 @@ def pair_dataset(images: np.ndarray, labels: Sequence[int],
         "label": tf.ensure_shape(batch["label"], (batch_size,)),
     }
 
-  ds = tf.data.Dataset.counter(dtype=tf.int64).map(
+  ds = _steps_from(start_step).map(
       make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return _finish(ds)
 
@@ -371,13 +380,13 @@ def pair_dataset(images: np.ndarray, labels: Sequence[int],
 
 def classification_dataset(images: np.ndarray, labels: Sequence[int], *,
                            batch_size: int, seed: int, augment: bool = True,  # pylint: disable=redefined-outer-name
-                           max_rotation_degrees: float = 15.0,
-                           flip: bool = True) -> tf.data.Dataset:
+                           max_rotation_degrees: float = 15.0, flip: bool = True,
+                           start_step: int = 0) -> tf.data.Dataset:
   """Infinite batches of single images, reshuffled every epoch.
 
   Each epoch is a fresh seeded permutation of all images (so every image is seen
   once per epoch); batches run across epoch boundaries. Same augmentation and
-  standardisation as `pair_dataset`.
+  standardisation as `pair_dataset`; `start_step` resumes exactly as there.
 
   Returns:
     A dataset of {"image": float32 (B, S, S, 1), "label": int32 (B,)}.
@@ -407,7 +416,7 @@ def classification_dataset(images: np.ndarray, labels: Sequence[int], *,
     return {"image": tf.ensure_shape(image, (batch_size, size, size, 1)),
             "label": tf.ensure_shape(tf.gather(label_table, index), (batch_size,))}
 
-  ds = tf.data.Dataset.counter(dtype=tf.int64).map(
+  ds = _steps_from(start_step).map(
       make_batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return _finish(ds)
 
