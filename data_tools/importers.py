@@ -184,7 +184,8 @@ def list_folder(root: str, *, skipped: collections.Counter | None = None) -> lis
       files.extend(os.path.join(dirpath, f)
                    for f in sorted(filenames, key=_natural_key) if _is_image(f))
     if expression is None:
-      _skip(skipped, f"folder {name!r}: no canonical class (contempt)", len(files))
+      _skip(skipped, f"class folder {name!r} is dropped (not one of the 7 classes)",
+            len(files))
       continue
     records.extend(Record(path=f, expression=expression, source="folder") for f in files)
   if not records and not (skipped and sum(skipped.values())):
@@ -440,9 +441,11 @@ def _affectnet_layout(root: str) -> _AffectNetLayout:
       parts.append((split, os.path.join(d, "annotations"), os.path.join(d, "images")))
   if parts:
     return _AffectNetLayout("npy", tuple(parts))
-  lists = _first_existing([root, os.path.join(root, "Manually_Annotated_file_lists"),
-                           os.path.join(root, "Manually_Annotated",
-                                        "Manually_Annotated_file_lists")])
+  lists = next((d for d in (root, os.path.join(root, "Manually_Annotated_file_lists"),
+                             os.path.join(root, "Manually_Annotated",
+                                          "Manually_Annotated_file_lists"))
+                if os.path.isfile(os.path.join(d, "training.csv"))
+                or os.path.isfile(os.path.join(d, "validation.csv"))), None)
   images = _first_existing([os.path.join(root, "Manually_Annotated_Images"),
                             os.path.join(root, "Manually_Annotated",
                                          "Manually_Annotated_Images")])

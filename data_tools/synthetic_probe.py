@@ -35,9 +35,9 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "A face set in the on-disk contract.")
 flags.DEFINE_integer("steps", 600, "Training steps.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
-flags.DEFINE_integer("image_size", 56, "Side the 112 px faces are shrunk to.")
+flags.DEFINE_integer("image_size", 48, "Side the 112 px faces are shrunk to.")
 flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
-flags.DEFINE_integer("width", 32, "Channels of the first conv stage (x2, x4 later).")
+flags.DEFINE_integer("width", 16, "Channels of the first conv stage (x2, x4 later).")
 flags.DEFINE_integer("seed", 0, "Seed of the subject split and the training.")
 flags.DEFINE_float("unseen_fraction", 0.25, "Fraction of subjects never trained on.")
 flags.DEFINE_float("holdout_fraction", 0.2,
@@ -94,14 +94,13 @@ def train_and_evaluate(images, labels, train, tests: dict, steps: int, batch: in
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
 
   class SmallCNN(nn.Module):
-    width: int = 32
+    width: int = 16
 
     @nn.compact
     def __call__(self, x):
-      for i, reps in enumerate((2, 2, 2)):
+      for i, reps in enumerate((1, 2, 2)):
         for _ in range(reps):
-          x = nn.relu(nn.GroupNorm(num_groups=8)(
-              nn.Conv(self.width * 2 ** i, (3, 3), use_bias=False)(x)))
+          x = nn.relu(nn.Conv(self.width * 2 ** i, (3, 3))(x))
         x = pool(x)
       x = nn.relu(nn.Conv(self.width * 8, (3, 3))(x))
       x = x.mean(axis=(1, 2))

@@ -31,8 +31,7 @@ def latest_step(workdir: str, stage: str):
   d = stage_dir(workdir, stage)
   if not os.path.isdir(d):
     return None
-  with ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(create=False,
-                                                                     read_only=True)) as m:
+  with ocp.CheckpointManager(d, options=ocp.CheckpointManagerOptions(create=False)) as m:
     return m.latest_step()
 
 
@@ -55,6 +54,5 @@ def restore(mngr: ocp.CheckpointManager, target: StageState, step=None
 
 def restore_final(workdir: str, stage: str, target: StageState) -> tuple[StageState, dict]:
   with ocp.CheckpointManager(stage_dir(workdir, stage),
-                             options=ocp.CheckpointManagerOptions(
-                                 create=False, read_only=True)) as m:
+                             options=ocp.CheckpointManagerOptions(create=False)) as m:
     return restore(m, target)

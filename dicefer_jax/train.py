@@ -137,19 +137,17 @@ def initial_state(stage: str, config, model, prev_state=None) -> steps.StageStat
 
 
 def stage_dataset(stage: str, config, data: FaceData, start_step: int):
-  """Infinite training batches for a stage; seeded by (seed, stage, start step) so a
-  resumed run sees fresh, reproducible batches instead of replaying the first ones."""
+  """Infinite training batches for a stage. Batch b depends only on (seed, stage, b),
+  so a run resumed at `start_step` sees exactly the batches an uninterrupted run would."""
   stage_index = ("stage1", "stage2", "stage3", "baseline").index(stage)
-  seed = int(np.random.SeedSequence([config.seed, stage_index, start_step])
-             .generate_state(1)[0] % (2**31))
-  aug = dict(augment=True, max_rotation_degrees=config.augment.max_rotation_degrees,
-             flip=config.augment.flip)
+  seed = int(np.random.SeedSequence([config.seed, stage_index]).generate_state(1)[0] % (2**31))
+  kwargs = dict(batch_size=config.batch_size, seed=seed, augment=True,
+                max_rotation_degrees=config.augment.max_rotation_degrees,
+                flip=config.augment.flip, start_step=start_step)
   if stage in steps.PAIR_STAGES:
     return input_pipeline.pair_dataset(
-        data.train_images, data.train_labels, data.train_subjects,
-        batch_size=config.batch_size, seed=seed, **aug)
-  return input_pipeline.classification_dataset(
-      data.train_images, data.train_labels, batch_size=config.batch_size, seed=seed, **aug)
+        data.train_images, data.train_labels, data.train_subjects, **kwargs)
+  return input_pipeline.classification_dataset(data.train_images, data.train_labels, **kwargs)
 
 
 class MetricWriter:

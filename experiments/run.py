@@ -12,7 +12,6 @@ overridden: --config.batch_size=64 --config.loss.zeta=0.025. With no
 from dicefer_jax import environment  # noqa: F401  (sets XLA/TF flags; must come first)
 
 import os
-import sys
 
 from absl import app
 from absl import flags
@@ -21,7 +20,7 @@ from ml_collections import config_flags
 
 from dicefer_jax import data as data_lib
 from dicefer_jax import train
-from dicefer_jax.errors import UserError
+from experiments import cli
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", "experiments/configs/default.py", "Training config file.",
@@ -53,12 +52,8 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: where checkpoints and metrics go")
   logging.set_verbosity(logging.WARNING)
-  try:
-    run(_CONFIG.value, _WORKDIR.value, _STAGE.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  cli.run_or_exit(run, _CONFIG.value, _WORKDIR.value, _STAGE.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

@@ -472,7 +472,7 @@ def test_folder_listing_and_mtcnn(tmp_path, fake_preprocess):
   assert [(os.path.relpath(r.path, root), r.expression) for r in records] == [
       ("angry/c.jpg", "anger"), ("Happy/a.jpg", "happiness"),
       ("Happy/session2/b.png", "happiness")]
-  assert sum(skipped.values()) == 1 and "contempt" in next(iter(skipped))
+  assert skipped == {"class folder 'Contempt' is dropped (not one of the 7 classes)": 1}
   result = _import("folder", root, tmp_path / "faces")
   assert result["written"]["per_class"] == {"anger": 1, "happiness": 2}
   os.makedirs(root / "Bored")
@@ -544,8 +544,7 @@ def test_cli_imports_fer2013_and_help(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert "skipped 1: pixels are not 48x48" in proc.stdout
   assert len(contract.read_manifest(str(tmp_path / "o"))) == 6
-  proc = _cli("--help")
-  assert proc.returncode == 0
+  proc = _cli("--help")  # absl exits 1 after printing the help
   for name in importers.DATASETS:
     assert name in proc.stdout
   assert "list_patition_label.txt" in proc.stdout
