@@ -48,7 +48,8 @@ affectnet  either the common re-distribution ROOT/train_set/images/N.jpg with
            ROOT/train_set/annotations/N_exp.npy (and val_set likewise), or the
            official CSV form ROOT/training.csv and ROOT/validation.csv (also
            under Manually_Annotated_file_lists/) with images under
-           ROOT/Manually_Annotated_Images/<subDirectory_filePath>. Codes
+           ROOT/Manually_Annotated_Images/<subDirectory_filePath> (also
+           under Manually_Annotated/ or Manually_Annotated_compressed/). Codes
            0 Neutral 1 Happy 2 Sad 3 Surprise 4 Fear 5 Disgust 6 Anger;
            7 Contempt and 8-10 None/Uncertain/Non-Face are dropped. train_set
            and training.csv -> train, val_set and validation.csv -> test. No
@@ -448,6 +449,8 @@ def _affectnet_layout(root: str) -> _AffectNetLayout:
                 or os.path.isfile(os.path.join(d, "validation.csv"))), None)
   images = _first_existing([os.path.join(root, "Manually_Annotated_Images"),
                             os.path.join(root, "Manually_Annotated",
+                                         "Manually_Annotated_Images"),
+                            os.path.join(root, "Manually_Annotated_compressed",
                                          "Manually_Annotated_Images")])
   for name, split in (("training.csv", "train"), ("validation.csv", "test")):
     if lists and os.path.isfile(os.path.join(lists, name)):

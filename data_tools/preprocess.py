@@ -50,6 +50,8 @@ from typing import Any, Iterable, Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
+from PIL import ImageOps
 
 from data_tools.labels import canonical_expression, is_dropped
 from dicefer_jax import contract
@@ -82,7 +84,7 @@ LOCK_NAME = ".preprocess.lock"
 CAPTURE_MANIFEST = "capture_manifest.csv"  # Written by data_tools.capture.
 MULTI_FACE_POLICIES = ("largest", "most_confident", "reject")
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_MAX_DISTORTION = 0.25
+DEFAULT_MAX_DISTORTION = 0.35
 
 # Statuses in the progress log. "error" (an unexpected failure, or a file that
 # went missing) is not final: the input is retried by the next run.
@@ -333,7 +335,6 @@ def read_image(path: str) -> np.ndarray:
   Pillow, not cv2.imread: OpenCV returns a half-grey picture for a truncated
   JPEG with only a warning, Pillow raises. Raises _Unreadable.
   """
-  from PIL import Image, ImageOps  # pylint: disable=g-import-not-at-top
   try:
     with Image.open(path) as image:
       image.load()
@@ -506,7 +507,12 @@ def _write_png_atomic(path: str, face: np.ndarray) -> None:
 
 def _process_task(task: tuple[str, str, str]) -> dict[str, str]:
   """Detects, checks, aligns and writes one input. Runs in a worker."""
-  input_path, output_dir, out_rel = task
+  result = _process_one(*task)
+  result["device"] = _worker_state.get("device", "")
+  return result
+
+
+def _process_one(input_path: str, output_dir: str, out_rel: str) -> dict[str, str]:
   settings = _worker_state["settings"]
   result = {"input": input_path, "output": "", "reason": "", "detail": ""}
   try:
@@ -793,6 +799,8 @@ def _run_pool(todo, wanted, output_dir, settings, workers, show_progress, log, s
         log.write(row)
         state[result["input"]] = {k: str(row.get(k, "")) for k in _PROGRESS_FIELDS}
         counts[result["status"]] += 1
+        if result.get("device"):
+          devices.add(result["device"])
         if result["status"] != KEPT:
           reasons[result["reason"]] += 1
         bar.update(1)
@@ -802,7 +810,6 @@ def _run_pool(todo, wanted, output_dir, settings, workers, show_progress, log, s
       pool.join()
   finally:
     bar.close()
-  devices.add(settings.device if settings.device != "auto" else "auto")
   return counts, reasons, devices
 
 
@@ -849,9 +856,9 @@ def _define_flags():
   flags.DEFINE_float("min_prob", 0.9, "Smallest accepted MTCNN face probability.")
   flags.DEFINE_float("max_distortion", DEFAULT_MAX_DISTORTION,
                      "Largest accepted landmark misfit: RMS distance between the "
-                     "aligned landmarks and the template, in eye distances. "
-                     "Frontal faces score about 0.05-0.1; turned heads and bad "
-                     "landmarks score higher.")
+                     "aligned landmarks and the template, in eye distances. A "
+                     "frontal smiling face scores about 0.15; heads turned more "
+                     "than about 60 degrees and wrong landmarks score higher.")
   flags.DEFINE_enum("multi_face", "largest", MULTI_FACE_POLICIES,
                     "Photos with several faces: keep the largest, the most "
                     "confident, or reject the photo.")
