@@ -39,13 +39,14 @@ import csv
 import dataclasses
 import hashlib
 import importlib.util
+import io
 import json
 import multiprocessing
 import os
 import re
 import sys
-import tempfile
 import time
+import uuid
 from typing import Any, Iterable, Sequence
 
 import cv2
@@ -84,7 +85,7 @@ LOCK_NAME = ".preprocess.lock"
 CAPTURE_MANIFEST = "capture_manifest.csv"  # Written by data_tools.capture.
 MULTI_FACE_POLICIES = ("largest", "most_confident", "reject")
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_MAX_DISTORTION = 0.35
+DEFAULT_MAX_DISTORTION = 0.3
 
 # Statuses in the progress log. "error" (an unexpected failure, or a file that
 # went missing) is not final: the input is retried by the next run.
@@ -488,21 +489,32 @@ def detect_faces(image_rgb: np.ndarray, settings: Settings):
   return boxes, probs, points
 
 
-def _write_png_atomic(path: str, face: np.ndarray) -> None:
-  ok, encoded = cv2.imencode(".png", face)
-  if not ok:
-    raise OSError(f"PNG encoding failed for {path}")
-  folder = os.path.dirname(path)
-  os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=folder)
+def _temp_path(path: str) -> str:
+  # Not tempfile.mkstemp: its files are private (0600), and the face set is
+  # meant to be shared; a plain open() honours the user's umask.
+  folder, name = os.path.split(path)
+  return os.path.join(folder, f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{name}")
+
+
+def _write_bytes_atomic(path: str, data: bytes) -> None:
+  """Writes via a temp file + os.replace: readers never see half a file."""
+  tmp = _temp_path(path)
   try:
-    with os.fdopen(fd, "wb") as f:
-      f.write(encoded.tobytes())
-    os.replace(tmp, path)  # Readers never see a half-written PNG.
+    with open(tmp, "xb") as f:
+      f.write(data)
+    os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
+
+
+def _write_png_atomic(path: str, face: np.ndarray) -> None:
+  ok, encoded = cv2.imencode(".png", face)
+  if not ok:
+    raise OSError(f"PNG encoding failed for {path}")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  _write_bytes_atomic(path, encoded.tobytes())
 
 
 def _process_task(task: tuple[str, str, str]) -> dict[str, str]:
@@ -615,17 +627,21 @@ class _DirLock:
 
 
 def _write_csv_atomic(path: str, fields: Sequence[str], rows: Iterable[dict]) -> None:
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".csv", dir=os.path.dirname(path))
-  try:
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-      writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-      writer.writeheader()
-      writer.writerows(rows)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  buffer = io.StringIO(newline="")
+  writer = csv.DictWriter(buffer, fieldnames=fields, extrasaction="ignore")
+  writer.writeheader()
+  writer.writerows(rows)
+  _write_bytes_atomic(path, buffer.getvalue().encode("utf-8"))
+
+
+def _remove_stale_temp_files(output_dir: str) -> None:
+  # Left by a worker killed mid-write. Only this tool's own temp names, only
+  # in its own output folders, and only while holding the directory lock.
+  for folder in [output_dir] + [os.path.join(output_dir, e) for e in contract.EXPRESSIONS]:
+    if os.path.isdir(folder):
+      for name in os.listdir(folder):
+        if name.startswith(".tmp-"):
+          os.remove(os.path.join(folder, name))
 
 
 def _check_settings(output_dir: str, settings: Settings) -> None:
@@ -645,10 +661,7 @@ def _check_settings(output_dir: str, settings: Settings) -> None:
             "photos done then are not redone: use a fresh --output_dir to apply "
             "the new settings to all", file=sys.stderr)
     return
-  fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=output_dir)
-  with os.fdopen(fd, "w", encoding="utf-8") as f:
-    json.dump(current, f, indent=2)
-  os.replace(tmp, path)
+  _write_bytes_atomic(path, (json.dumps(current, indent=2) + "\n").encode("utf-8"))
 
 
 def default_workers() -> int:
@@ -732,6 +745,7 @@ def run_preprocess(items: Sequence[contract.Record], output_dir: str, *,
     raise UserError(f"cannot create --output_dir={output_dir}: {e.strerror or e}") from None
   lock = _DirLock(output_dir)
   try:
+    _remove_stale_temp_files(output_dir)
     _check_settings(output_dir, settings)
     progress_path = os.path.join(output_dir, PROGRESS_NAME)
     state = _read_progress(progress_path)
@@ -857,8 +871,9 @@ def _define_flags():
   flags.DEFINE_float("max_distortion", DEFAULT_MAX_DISTORTION,
                      "Largest accepted landmark misfit: RMS distance between the "
                      "aligned landmarks and the template, in eye distances. A "
-                     "frontal smiling face scores about 0.15; heads turned more "
-                     "than about 60 degrees and wrong landmarks score higher.")
+                     "frontal smiling face scores about 0.15, a head turned 45 "
+                     "degrees about 0.2, 60 degrees about 0.3; wrong landmarks "
+                     "score higher.")
   flags.DEFINE_enum("multi_face", "largest", MULTI_FACE_POLICIES,
                     "Photos with several faces: keep the largest, the most "
                     "confident, or reject the photo.")
