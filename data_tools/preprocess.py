@@ -45,6 +45,7 @@ import multiprocessing
 import os
 import re
 import sys
+import threading
 import time
 import uuid
 from typing import Any, Iterable, Sequence
@@ -434,11 +435,25 @@ def _capture_subjects(root: str) -> dict[str, str]:
 _worker_state: dict[str, Any] = {}
 
 
-def _init_worker(settings: Settings, torch_threads: int | None) -> None:
+def _init_worker(settings: Settings, torch_threads: int | None,
+                 parent_pid: int | None = None) -> None:
   # Only stores the arguments: an initializer that raises makes a Pool
   # respawn workers forever, so the detector is built by the first task.
   _worker_state.clear()
   _worker_state.update(settings=settings, torch_threads=torch_threads)
+  if parent_pid is not None:
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True,
+                     name="exit-with-parent").start()
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+  # A parent killed with -9 cannot stop its pool, and spawned workers would
+  # go on with the queued photos and then wait forever, each holding an
+  # MTCNN. Re-parenting shows the parent is gone.
+  while True:
+    time.sleep(1.0)
+    if os.getppid() != parent_pid:
+      os._exit(1)
 
 
 def _detector():
@@ -805,7 +820,7 @@ def _run_pool(todo, wanted, output_dir, settings, workers, show_progress, log, s
              dynamic_ncols=True, file=sys.stderr)
   try:
     with ctx.Pool(workers, initializer=_init_worker,
-                  initargs=(settings, torch_threads)) as pool:
+                  initargs=(settings, torch_threads, os.getpid())) as pool:
       for result in pool.imap_unordered(_process_task, tasks, chunksize=1):
         record = wanted[result["input"]]
         row = {**dataclasses.asdict(record), **result}

@@ -136,7 +136,7 @@ def make_stage1_step(model: DiceferModel, loss_config, optimizers) -> Callable:
         step=state.step + 1, params={**state.params, **trainable},
         batch_stats={**state.batch_stats, "exp_encoder": new_stats},
         opt_state={"main": opt_state})
-    metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads),
+    metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    finite=_finite(loss, metrics["mi_global"], metrics["mi_local"]))
     return new_state, metrics
 
@@ -216,8 +216,8 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
         batch_stats={**state.batch_stats, "id_encoder": new_stats},
         opt_state={"main": main_opt, "disc": disc_opt})
     metrics = dict(metrics, loss=loss, disc_loss=disc_loss, disc_accuracy=disc_acc,
-                   grad_norm=optax.global_norm(grads),
-                   disc_grad_norm=optax.global_norm(disc_grads),
+                   grad_norm=optax.tree.norm(grads),
+                   disc_grad_norm=optax.tree.norm(disc_grads),
                    finite=_finite(loss, disc_loss))
     return new_state, metrics
 
@@ -252,7 +252,7 @@ def make_stage3_step(model: DiceferModel, optimizers) -> Callable:
     new_state = state.replace(step=state.step + 1, params={**state.params, **trainable},
                               opt_state={"main": opt_state})
     return new_state, dict(loss=loss, train_accuracy=accuracy,
-                           grad_norm=optax.global_norm(grads), finite=_finite(loss))
+                           grad_norm=optax.tree.norm(grads), finite=_finite(loss))
 
   return step
 
@@ -282,7 +282,7 @@ def make_baseline_step(model: DiceferModel, optimizers) -> Callable:
         batch_stats={**state.batch_stats, "exp_encoder": new_stats},
         opt_state={"main": opt_state})
     return new_state, dict(loss=loss, train_accuracy=accuracy,
-                           grad_norm=optax.global_norm(grads), finite=_finite(loss))
+                           grad_norm=optax.tree.norm(grads), finite=_finite(loss))
 
   return step
 

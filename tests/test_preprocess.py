@@ -286,8 +286,8 @@ def raw_photos(tmp_path_factory):
   (raw / "Sad").mkdir()
   astronaut = data.astronaut()[:, :, ::-1]  # RGB -> BGR for cv2.
   cv2.imwrite(str(raw / "Happy" / "astronaut.png"), astronaut)
-  cv2.imwrite(str(raw / "Happy" / "astronaut_250.jpg"),
-              cv2.resize(astronaut, (250, 250), interpolation=cv2.INTER_AREA))
+  cv2.imwrite(str(raw / "Happy" / "astronaut_300.jpg"),
+              cv2.resize(astronaut, (300, 300), interpolation=cv2.INTER_AREA))
   gradient = np.tile(np.linspace(0, 255, 200, dtype=np.uint8), (200, 1))
   cv2.imwrite(str(raw / "Sad" / "gradient.png"), gradient)
   ok, jpeg = cv2.imencode(".jpg", astronaut)
@@ -307,9 +307,9 @@ def test_mtcnn_on_a_real_face(raw_photos, tmp_path):
 
   records = {os.path.basename(r.path).split("-")[0]: r
              for r in contract.read_manifest(str(out))}
-  assert set(records) == {"astronaut", "astronaut_250"}
+  assert set(records) == {"astronaut", "astronaut_300"}
   assert records["astronaut"].subject == "eileen"
-  assert records["astronaut_250"].subject == ""
+  assert records["astronaut_300"].subject == ""
   for r in records.values():
     assert r.expression == "happiness" and r.source == "RAW" and r.split == ""
     assert r.path.startswith("happiness/") and r.path.endswith(".png")
