@@ -33,8 +33,10 @@ Datasets and the layout --root must have (the folder you unpacked into):
 
 Check a layout first with --dry_run (counts only, nothing written). OUT must be
 new or empty; --resume continues an interrupted import (faces already written are
-kept) and --overwrite writes over an existing face set. The dataset itself is
-never modified. Errors are one line on stderr with exit status 2.
+kept; MTCNN skips the photos its work log lists) and --overwrite writes every
+face again (fer2013, rafdb, affectnet --aligned only). The dataset itself is
+never modified. MTCNN rejects are listed in OUT/rejects.csv. Errors are one line
+on stderr with exit status 2.
 
 Examples:
   python -m data_tools.import_dataset --dataset=rafdb --root=~/data/RAF-DB/basic \
@@ -49,6 +51,8 @@ from absl import app
 from absl import flags
 
 from data_tools import importers
+# Cheap: torch is only imported in its worker processes.
+from data_tools import preprocess
 from dicefer_jax.errors import UserError
 
 _DATASET = flags.DEFINE_enum("dataset", None, list(importers.DATASETS),
@@ -57,8 +61,8 @@ _ROOT = flags.DEFINE_string("root", None, "Folder the dataset was unpacked into.
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None,
                                   "Face set directory to write (new or empty).")
 _WORKERS = flags.DEFINE_integer(
-    "workers", None, "Parallel workers (default: the preprocessing default for "
-    "MTCNN, up to 8 threads for direct writes).", lower_bound=1)
+    "workers", None, "Parallel workers (default: one MTCNN process per core; up to "
+    "8 threads for direct writes).", lower_bound=1)
 _LIMIT = flags.DEFINE_integer(
     "limit", None, "Import at most N images, spread evenly over the dataset (for a "
     "quick trial).", lower_bound=1)
@@ -83,9 +87,14 @@ _OULU_ILLUMINATION = flags.DEFINE_enum("oulu_illumination", "Strong",
 _MIN_FACE_SIZE = flags.DEFINE_integer("min_face_size", 40,
                                       "MTCNN: smallest face in pixels.", lower_bound=1)
 _MIN_PROB = flags.DEFINE_float("min_prob", 0.9, "MTCNN: lowest detection probability.")
-_MULTI_FACE = flags.DEFINE_enum("multi_face", "largest", ["largest", "skip", "all"],
-                                "MTCNN: what to do with images holding several faces.")
-_DEVICE = flags.DEFINE_string("device", "auto", "MTCNN: torch device (auto, cpu, cuda).")
+_MAX_DISTORTION = flags.DEFINE_float(
+    "max_distortion", preprocess.DEFAULT_MAX_DISTORTION,
+    "MTCNN: largest landmark misfit after alignment, in eye distances.")
+_MULTI_FACE = flags.DEFINE_enum(
+    "multi_face", "largest", list(preprocess.MULTI_FACE_POLICIES),
+    "MTCNN: which face of a photo with several (reject: drop the photo).")
+_DEVICE = flags.DEFINE_enum("device", "auto", list(preprocess.DEVICES),
+                            "MTCNN: where it runs (auto: CUDA when torch sees it).")
 
 
 def main(argv):
@@ -109,6 +118,7 @@ def main(argv):
         aligned=_ALIGNED.value, dry_run=_DRY_RUN.value, list_options=list_options,
         preprocess_options=dict(min_face_size=_MIN_FACE_SIZE.value,
                                 min_prob=_MIN_PROB.value,
+                                max_distortion=_MAX_DISTORTION.value,
                                 multi_face=_MULTI_FACE.value, device=_DEVICE.value))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)

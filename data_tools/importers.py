@@ -58,8 +58,10 @@ affectnet  either the common re-distribution ROOT/train_set/images/N.jpg with
            box first).
 
 Inputs are never modified: outputs go to a separate directory, and a directory
-that already holds files is only written with resume (keep files already
-written, redo the rest, rewrite the manifest) or overwrite (rewrite everything).
+that already holds files is only written with resume (keep the faces already
+written, do the rest, rewrite the manifest at the end) or, for direct writers,
+overwrite (write every face again). MTCNN runs resume through their own work log
+(see data_tools.preprocess), so overwrite does not apply to them.
 """
 
 import collections
@@ -666,8 +668,12 @@ def spread(records: Sequence[Record], limit: int | None) -> list[Record]:
 
 
 def check_output_dir(output_dir: str, root: str, *, resume: bool = False,
-                     overwrite: bool = False) -> str:
-  """Refuses output directories that would touch inputs or clobber a face set."""
+                     overwrite: bool = False, can_overwrite: bool = True) -> str:
+  """Refuses output directories that would touch inputs or clobber a face set.
+
+  can_overwrite=False (MTCNN importers) leaves --overwrite out of the advice.
+  """
+  redo = "--overwrite to rewrite it, " if can_overwrite else ""
   if not output_dir:
     raise UserError("pass --output_dir=DIR, where the face set is written")
   if resume and overwrite:
@@ -683,12 +689,13 @@ def check_output_dir(output_dir: str, root: str, *, resume: bool = False,
     if os.path.isfile(os.path.join(out, contract.MANIFEST_NAME)):
       raise UserError(
           f"{output_dir} already holds a face set ({contract.MANIFEST_NAME}): pass "
-          "--resume to finish it (faces written already are kept), --overwrite to "
-          "rewrite it, or pick another --output_dir")
+          f"--resume to finish it (faces written already are kept), {redo}or pick "
+          "another --output_dir")
     if any(not n.startswith(".") for n in os.listdir(out)):
       raise UserError(
           f"{output_dir} is not empty: pass --resume to continue an interrupted "
-          "import into it, --overwrite to write over it, or pick an empty --output_dir")
+          f"import into it, {redo.replace('rewrite', 'write over')}or pick an empty "
+          "--output_dir")
   return out
 
 
@@ -724,7 +731,8 @@ def summarize(records: Sequence[Record]) -> dict:
   per_split = collections.Counter(r.split or "none" for r in records)
   table = {e: {} for e in contract.EXPRESSIONS if per_class[e]}
   for r in records:
-    table[r.expression][r.split or "none"] = table[r.expression].get(r.split or "none", 0) + 1
+    row = table[r.expression]
+    row[r.split or "none"] = row.get(r.split or "none", 0) + 1
   return {
       "num_images": len(records),
       "per_class": {e: per_class[e] for e in contract.EXPRESSIONS if per_class[e]},
@@ -738,7 +746,8 @@ def format_summary(title: str, summary: dict, skipped: dict | None = None) -> st
   """A small table of counts per class and split, then subjects and skips."""
   splits = list(summary["per_split"])
   lines = [f"{title}: {summary['num_images']} images"]
-  header = f"  {'class':<10}" + "".join(f"{s:>8}" for s in splits)
+  names = ["images"] if splits == ["none"] else splits
+  header = f"  {'class':<10}" + "".join(f"{s:>8}" for s in names)
   if len(splits) > 1:
     header += f"{'total':>8}"
   lines.append(header)
@@ -772,8 +781,9 @@ def import_dataset(dataset: str, root: str, output_dir: str, *,
     output_dir: the face set to write; see `check_output_dir` for the rules.
     workers: parallel workers of the write step.
     limit: import at most this many images, spread over the dataset (a quick trial).
-    resume: continue an import into a non-empty output_dir.
-    overwrite: write over whatever output_dir holds.
+    resume: continue an import into a non-empty output_dir: direct writers keep
+      the faces already written, MTCNN skips the photos its work log lists.
+    overwrite: direct writers only: write every face again over output_dir.
     aligned: AffectNet only: treat the images as aligned crops and write them
       directly instead of running MTCNN.
     dry_run: enumerate and report only; write nothing.
@@ -793,8 +803,16 @@ def import_dataset(dataset: str, root: str, output_dir: str, *,
   title = TITLES[dataset]
   root = _check_root(os.path.expanduser(root or ""), title)
   output_dir = os.path.expanduser(output_dir or "")
+  direct = dataset in DIRECT or aligned
+  if overwrite and not direct:
+    # MTCNN runs keep a work log in the output directory and resume from it;
+    # starting over means a fresh directory, not deleting its bookkeeping.
+    raise UserError(f"--overwrite applies to directly written faces only; {title} "
+                    "goes through MTCNN, whose runs resume by themselves: rerun with "
+                    "--resume, or pick an empty --output_dir to start over")
   if not dry_run:
-    output_dir = check_output_dir(output_dir, root, resume=resume, overwrite=overwrite)
+    output_dir = check_output_dir(output_dir, root, resume=resume, overwrite=overwrite,
+                                  can_overwrite=direct)
   skipped = collections.Counter()
   boxes = {}
   if dataset == "affectnet":
@@ -815,7 +833,6 @@ def import_dataset(dataset: str, root: str, output_dir: str, *,
   if dry_run:
     return result
 
-  direct = dataset in DIRECT or aligned
   if direct:
     if dataset == "fer2013":
       load = _fer2013_loader(records)
@@ -838,9 +855,16 @@ def import_dataset(dataset: str, root: str, output_dir: str, *,
     kwargs = dict(preprocess_options or {})
     if workers:
       kwargs["workers"] = workers
-    result["preprocess"] = _run_preprocess(records, output_dir,
-                                           show_progress=show_progress, **kwargs)
+    stats = _run_preprocess(records, output_dir, show_progress=show_progress, **kwargs)
+    result["preprocess"] = stats
+    result["failed"] = {f"MTCNN {reason} (this run; see rejects.csv)": n
+                        for reason, n in dict(stats.get("reasons") or {}).items()}
     manifest = os.path.join(output_dir, contract.MANIFEST_NAME)
+    if not stats.get("total_kept", 1) or not os.path.isfile(manifest):
+      reasons = ", ".join(f"{n} {r}" for r, n in (stats.get("reasons") or {}).items())
+      raise DataError(f"{title}: MTCNN kept no face of {len(records)} photos "
+                      f"({reasons or 'see rejects.csv'}); the rejects are listed in "
+                      f"{os.path.join(output_dir, 'rejects.csv')}")
     written = contract.read_manifest(output_dir, check_files=False)
   result["written"] = summarize(written)
   log(format_summary(f"wrote {output_dir}", result["written"], result.get("failed")))

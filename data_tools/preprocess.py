@@ -55,7 +55,7 @@ import numpy as np
 from PIL import Image
 from PIL import ImageOps
 
-from data_tools.labels import canonical_expression, is_dropped
+from data_tools.labels import canonical_expression
 from dicefer_jax import contract
 from dicefer_jax.errors import DataError, UserError
 
@@ -468,7 +468,7 @@ def _detector():
     raise UserError(f"cannot import the MTCNN stack ({e}): install it with "
                     "pip install 'dicefer-jax[data]'") from None
   if _worker_state.get("torch_threads"):
-    # Several workers each using every core would oversubscribe the CPU.
+    # Parallelism comes from the worker processes (see _run_pool).
     torch.set_num_threads(_worker_state["torch_threads"])
   device = settings.device
   if device == "auto":
@@ -702,7 +702,7 @@ def run_preprocess(items: Sequence[contract.Record], output_dir: str, *,
     output_dir: the face set to write (created if missing). Photos already
       done by an earlier run into it are skipped.
     workers: worker processes (default: the number of cores). Each builds
-      one MTCNN.
+      one MTCNN and uses one torch thread.
     min_face_size: smallest accepted face, pixels (shorter side of the box).
     min_prob: smallest accepted MTCNN face probability.
     max_distortion: largest accepted landmark misfit after alignment, in eye
@@ -777,8 +777,8 @@ def run_preprocess(items: Sequence[contract.Record], output_dir: str, *,
         if done["status"] == KEPT and done["expression"] != record.expression:
           # Relabelled since: the old face is ours to remove, so it does not
           # stay in the manifest under its old class.
-          stale = os.path.join(output_dir, done["output"])
-          if os.path.isfile(stale):
+          stale = os.path.normpath(os.path.join(output_dir, done["output"]))
+          if stale.startswith(output_dir + os.sep) and os.path.isfile(stale):
             os.remove(stale)
       todo.append(key)
 
@@ -814,8 +814,12 @@ def _run_pool(todo, wanted, output_dir, settings, workers, show_progress, log, s
   tasks = [(key, output_dir, _output_name(key, wanted[key].expression)) for key in todo]
   counts, reasons, devices = collections.Counter(), collections.Counter(), set()
   ctx = multiprocessing.get_context("spawn")
-  # torch's own threads only pay off when it has the cores to itself.
-  torch_threads = 1 if workers > 1 else None
+  # One torch thread per worker, also for a single worker: MTCNN's small
+  # convolutions gain little from intra-op threads, and when the cores are
+  # shared (other workers, other jobs) OpenMP's spinning threads collapse:
+  # one worker on a busy 2-core machine did 17 images/s with one thread and
+  # 1 image/s with torch's default (benchmarks/mtcnn_bench.py).
+  torch_threads = 1
   bar = tqdm(total=len(tasks), desc="MTCNN", unit="img", disable=not show_progress,
              dynamic_ncols=True, file=sys.stderr)
   try:

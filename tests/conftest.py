@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dicefer_jax import contract
+from experiments.configs import tiny
 
 # Small on purpose: the CI machine has 2 shared cores.
 TINY_SUBJECTS = 6
@@ -37,30 +38,8 @@ def tiny_faceset(tmp_path):
   return data_dir
 
 
-def make_tiny_config(data_dir: str = ""):
-  """The demo config shrunk until a whole 3-stage run takes seconds on 2 cores."""
-  from experiments.configs import demo  # pylint: disable=g-import-not-at-top
-  config = demo.get_config()
-  config.data_dir = data_dir
-  config.image_size = 32
-  config.model.width = 4
-  config.model.exp_dim = 8
-  config.model.id_dim = 8
-  config.model.critic_hidden = 16
-  config.model.disc_hidden = 16
-  config.model.classifier_hidden = (16,)
-  config.batch_size = 8
-  config.eval_batch_size = 16
-  config.num_folds = 3
-  config.stage1.num_steps = 6
-  config.stage2.num_steps = 4
-  config.stage3.num_steps = 4
-  config.baseline.num_steps = 6
-  config.log_every = 2
-  config.checkpoint_every = 3
-  return config
-
-
 @pytest.fixture
 def tiny_config(tiny_faceset):
-  return make_tiny_config(tiny_faceset)
+  config = tiny.get_config()
+  config.data_dir = tiny_faceset
+  return config

@@ -70,7 +70,9 @@ def fake_preprocess(monkeypatch):
       cv2.imwrite(os.path.join(output_dir, rel), np.zeros((112, 112), np.uint8))
       written.append(dataclasses.replace(r, path=rel))
     contract.write_manifest(output_dir, written)
-    return {"written": len(written)}
+    # The real run_preprocess's summary keys that the importers read.
+    return {"kept": len(written), "total_kept": len(written),
+            "reasons": {"no_face": 2}}
 
   monkeypatch.setattr(importers, "_run_preprocess", fake)
   return calls
@@ -285,7 +287,28 @@ def test_ckplus_goes_through_mtcnn(tmp_path, fake_preprocess):
                                "contempt sequence (no canonical class)": 1}
   assert {r.subject for r in contract.read_manifest(str(out))} == {"S005", "S010",
                                                                    "S011"}
+  assert result["failed"] == {"MTCNN no_face (this run; see rejects.csv)": 2}
   assert _snapshot(root) == before
+  # MTCNN runs resume from their own work log; starting over needs a new folder.
+  with pytest.raises(UserError, match="--resume") as e:
+    _import("ckplus", root, out)
+  assert "--overwrite" not in str(e.value)
+  with pytest.raises(UserError, match="--overwrite applies to directly written"):
+    _import("ckplus", root, out, overwrite=True)
+  _import("ckplus", root, out, resume=True)
+  assert len(fake_preprocess) == 2
+
+
+def test_mtcnn_keeping_no_face_is_one_line(tmp_path, monkeypatch):
+  root = _ckplus(str(tmp_path / "CK+"))
+
+  def rejects_all(items, output_dir, **kwargs):
+    del output_dir, kwargs  # Writes no face at all.
+    return {"kept": 0, "total_kept": 0, "reasons": {"no_face": len(items)}}
+
+  monkeypatch.setattr(importers, "_run_preprocess", rejects_all)
+  with pytest.raises(DataError, match=r"MTCNN kept no face of 11 photos \(11 no_face\)"):
+    _import("ckplus", root, tmp_path / "faces")
 
 
 def test_ckplus_wrong_layout(tmp_path):

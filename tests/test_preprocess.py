@@ -7,6 +7,7 @@ modules import it), and pytest collects every module into one process.
 """
 
 import csv
+import importlib.util
 import json
 import os
 import subprocess
@@ -297,8 +298,16 @@ def raw_photos(tmp_path_factory):
   return raw
 
 
+def _require_mtcnn():
+  # Not pytest.importorskip: that imports facenet_pytorch (and torch, triton)
+  # into this process, which segfaults once another test module has imported
+  # TensorFlow. find_spec only looks.
+  if importlib.util.find_spec("facenet_pytorch") is None:
+    pytest.skip("facenet-pytorch is not installed (pip install 'dicefer-jax[data]')")
+
+
 def test_mtcnn_on_a_real_face(raw_photos, tmp_path):
-  pytest.importorskip("facenet_pytorch")
+  _require_mtcnn()
   before = _snapshot(raw_photos)
   out = tmp_path / "faces"
   res = _run_cli(raw_photos, out)

@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 
 from dicefer_jax import contract, mi, models, steps
-from tests.conftest import make_tiny_config
+from experiments.configs import tiny
 
 B, S = 8, 32
 
 
 @pytest.fixture(scope="module")
 def setup():
-  config = make_tiny_config()
+  config = tiny.get_config()
   model = models.build_model(config.model, contract.NUM_CLASSES)
   params, batch_stats = models.init_variables(model, jax.random.PRNGKey(0), S)
   return config, model, params, batch_stats
