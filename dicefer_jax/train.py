@@ -234,6 +234,8 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
           " Lower --config.train.learning_rate or set --config.train.grad_clip_norm=1.0")
 
   try:
+    if num_steps == 0:  # a skipped stage (an ablation) still hands its state on
+      checkpoints.save(mngr, state, meta)
     for step in range(start + 1, num_steps + 1):
       batch = jax.device_put(next(batches), data_sharding)
       state, metrics = step_fn(state, batch)
