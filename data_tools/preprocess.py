@@ -63,11 +63,12 @@ OUTPUT_SIZE = contract.IMAGE_SIZE  # 112
 
 # Where the five MTCNN landmarks (left eye, right eye, nose tip, left and right
 # mouth corner; "left" = image left) land in the 112x112 output. The ratios
-# are those of the widely used ArcFace template, made left-right symmetric
-# (so the eyes are exactly level) and scaled to an eye distance of 32 px:
-# ArcFace's tight crop cuts the chin of a dropped jaw (surprise, fear), and
-# the brows and jaw carry much of the expression. Eyes at y=48 leave the brows
-# and forehead in, the mouth at y=85 leaves room for an open jaw.
+# are those of the widely used ArcFace 112x112 template, made left-right
+# symmetric (so the eyes are exactly level) and scaled from its eye distance
+# of about 35 px down to 32 px: a face-recognition crop is tight at the chin,
+# while for expressions the brows and a dropped jaw (surprise, fear) matter.
+# Eyes at y=48 keep the brows and forehead in; the mouth at y=85 leaves room
+# below for an open jaw.
 FACE_TEMPLATE = np.array([
     [40.0, 48.0],   # left eye
     [72.0, 48.0],   # right eye

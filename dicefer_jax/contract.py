@@ -119,6 +119,10 @@ def write_manifest(data_dir: str, records: Iterable[Record],
         row = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
         expression_index(row["expression"])
         writer.writerow(row)
+    # mkstemp creates 0600 files; give the manifest the permissions of the user's umask.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
     os.replace(tmp, manifest)
   except BaseException:
     if os.path.exists(tmp):
