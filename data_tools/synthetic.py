@@ -20,6 +20,11 @@ that make real facial expression recognition hard:
 Usage:
   python -m data_tools.synthetic --output_dir=DIR [--num_subjects=60]
       [--images_per_cell=10] [--seed=0] [--workers=N] [--overwrite]
+      [--confounders=1.0]
+
+`--confounders=0` renders the same people without their misleading resting
+traits (an ablation: how much of a classifier's seen/unseen gap they cause).
+`python -m data_tools.synthetic_probe --data_dir=DIR` measures that gap.
 
 Library use (the training code, when no data directory is configured):
   from data_tools.synthetic import ensure_synthetic
@@ -57,7 +62,7 @@ INTENSITY_RANGE = (0.3, 1.0)
 
 # Action units used, in vector order.
 AUS = (1, 2, 4, 5, 6, 7, 9, 12, 15, 16, 20, 23, 26)
-_A = {au: i for i, au in enumerate(AUS)}
+_AU_INDEX = {au: i for i, au in enumerate(AUS)}
 NUM_AUS = len(AUS)
 
 # EMFACS prototypes (DESIGN.md, "Facts for the synthetic face set").
@@ -85,6 +90,20 @@ _HABITS = {
     "sadness": (7, 6, 16),
     "surprise": (16, 12),
 }
+
+# Salient resting traits that mimic an expression cue, and the AU each copies.
+_TRAIT_AU = {
+    "resting_smile": 12,     # mouth corners up: happiness
+    "downturned_mouth": 15,  # corners down: sadness, disgust
+    "low_brows": 4,          # heavy low brows: anger, sadness
+    "worried_brows": 1,      # oblique brows: sadness, fear
+    "wide_eyes": 5,          # surprise, fear, anger
+    "narrow_eyes": 7,        # anger, fear
+    "cheek_bags": 6,         # happiness
+    "thin_lips": 23,         # anger
+    "parted_lips": 26,       # surprise, fear
+}
+_TRAITS = tuple(_TRAIT_AU) + ("raised_brows", "nasolabial", "forehead_lines")
 
 # Independent random streams (mixed into numpy SeedSequences with the user seed).
 _SUBJECT_STREAM = 0x5B1EC7
@@ -155,7 +174,11 @@ def image_rng(seed: int, subject_index: int, expression: str,
 
 
 def make_subject(index: int, seed: int, confounders: float = 1.0) -> SubjectParams:
-  """Draws subject `index`; the same whatever the number of subjects asked for."""
+  """Draws subject `index`; the same whatever the number of subjects asked for.
+
+  `confounders` scales the resting cues only; every other trait (and so who the
+  person is) is the same for any value.
+  """
   r = _subject_rng(seed, index)
   u = r.uniform
 
@@ -183,38 +206,45 @@ def make_subject(index: int, seed: int, confounders: float = 1.0) -> SubjectPara
   hair_style = int(r.integers(0, 5))
 
   # Confounders, in AU units (an AU at 1.0 is a full-intensity expression; the
-  # subtlest expressions are 0.3). They are half a subtle expression to most of
-  # one, so they are as large as the cues they mimic.
+  # subtlest expressions are 0.3). Everyone has some resting mouth curve and eye
+  # opening; most people also have one to three salient traits, each as large
+  # as a subtle expression, which is what misleads a classifier on strangers.
   c = confounders
   rest = np.zeros(NUM_AUS)
-  mouth_curve = float(np.clip(r.normal(0.0, 0.32), -0.65, 0.65))
-  if mouth_curve > 0:
-    rest[_A[12]] = mouth_curve      # resting smile
-  else:
-    rest[_A[15]] = -mouth_curve     # downturned mouth
-  rest[_A[4]] = max(0.0, r.normal(0.05, 0.25))   # low heavy brows
-  rest[_A[1]] = max(0.0, r.normal(-0.05, 0.25))  # oblique "worried" brows
-  rest[_A[2]] = max(0.0, r.normal(-0.1, 0.2))    # high arched brows
-  eyes = r.normal(0.0, 0.3)
-  if eyes > 0:
-    rest[_A[5]] = eyes              # wide eyes
-  else:
-    rest[_A[7]] = -eyes             # narrow eyes
-  rest[_A[6]] = max(0.0, r.normal(-0.05, 0.22))  # cheek bags, crow's feet
-  rest[_A[23]] = max(0.0, r.normal(-0.05, 0.25))  # thin pressed lips
-  rest[_A[26]] = u(0.08, 0.25) if r.random() < 0.25 else 0.0  # parted lips
+  mouth_curve = float(np.clip(r.normal(0.0, 0.18), -0.4, 0.4))
+  rest[_AU_INDEX[12] if mouth_curve > 0 else _AU_INDEX[15]] = abs(mouth_curve)
+  eyes = float(np.clip(r.normal(0.0, 0.15), -0.35, 0.35))
+  rest[_AU_INDEX[5] if eyes > 0 else _AU_INDEX[7]] = abs(eyes)
+  nasolabial = float(np.clip(r.exponential(0.08), 0.0, 0.3))
+  forehead_lines = float(np.clip(r.exponential(0.06), 0.0, 0.3))
+  n_traits = int(r.choice(4, p=(0.15, 0.35, 0.35, 0.15)))
+  for trait in r.choice(len(_TRAITS), size=n_traits, replace=False):
+    strength = u(0.25, 0.6)
+    name = _TRAITS[trait]
+    if name == "nasolabial":
+      nasolabial = max(nasolabial, strength)
+    elif name == "forehead_lines":
+      forehead_lines = max(forehead_lines, strength)
+    elif name == "raised_brows":
+      rest[_AU_INDEX[1]] = max(rest[_AU_INDEX[1]], 0.6 * strength)
+      rest[_AU_INDEX[2]] = max(rest[_AU_INDEX[2]], strength)
+    else:
+      au = _TRAIT_AU[name]
+      rest[_AU_INDEX[au]] = max(rest[_AU_INDEX[au]], strength)
   rest = np.clip(rest * c, 0.0, 0.8)
+  nasolabial *= c
+  forehead_lines *= c
 
   # How this person produces each expression.
   style = np.zeros((len(contract.EXPRESSIONS), NUM_AUS))
   for e, name in enumerate(contract.EXPRESSIONS):
     for au in PROTOTYPES[name]:
-      style[e, _A[au]] = u(0.6, 1.2)
+      style[e, _AU_INDEX[au]] = u(0.6, 1.2)
     if name in _HABITS and r.random() < 0.35:
-      style[e, _A[_HABITS[name][int(r.integers(len(_HABITS[name])))]]] = u(0.3, 0.6)
+      style[e, _AU_INDEX[_HABITS[name][int(r.integers(len(_HABITS[name])))]]] = u(0.3, 0.6)
   for name, au in _CORE.items():
     e = contract.EXPRESSIONS.index(name)
-    style[e, _A[au]] = max(style[e, _A[au]], 0.85)
+    style[e, _AU_INDEX[au]] = max(style[e, _AU_INDEX[au]], 0.85)
 
   return SubjectParams(
       subject_id=f"s{index:03d}",
@@ -253,8 +283,8 @@ def make_subject(index: int, seed: int, confounders: float = 1.0) -> SubjectPara
       glasses=bool(r.random() < 0.12),
       shade_side=1 if r.random() < 0.5 else -1,
       rest_aus=tuple(float(v) for v in rest),
-      nasolabial=float(np.clip(r.exponential(0.18), 0.0, 0.7) * c),
-      forehead_lines=float(np.clip(r.exponential(0.15), 0.0, 0.6) * c),
+      nasolabial=nasolabial,
+      forehead_lines=forehead_lines,
       style=tuple(tuple(float(v) for v in row) for row in style),
   )
 
@@ -266,10 +296,16 @@ def make_subjects(num_subjects: int, seed: int,
 
 
 def expression_aus(subject: SubjectParams, expression: str, intensity: float,
-                   rng: np.random.Generator) -> np.ndarray:
-  """The AU intensities (before the subject's resting offsets) of one image."""
+                   rng: np.random.Generator, variation: bool = True) -> np.ndarray:
+  """The AU intensities (before the subject's resting offsets) of one image.
+
+  With `variation` off, exactly the subject's way of showing the expression at
+  this intensity (no per-image jitter, dropout or micro-movements).
+  """
   e = contract.expression_index(expression)
   aus = np.asarray(subject.style[e]) * intensity
+  if not variation:
+    return np.clip(aus, 0.0, 1.2)
   active = np.flatnonzero(aus)
   if active.size:
     # Each AU varies a little on its own: real AUs are not perfectly coupled.
@@ -362,24 +398,34 @@ def _quad(p0, p1, p2, n: int = 7) -> np.ndarray:
 
 
 def render_face(subject: SubjectParams, expression: str, intensity: float,
-                rng: np.random.Generator) -> np.ndarray:
+                rng: np.random.Generator, nuisance: bool = True) -> np.ndarray:
   """Renders one face: a (112, 112) uint8 grayscale image.
 
   `intensity` scales the expression's AUs (use something like U(0.3, 1.0));
   `rng` supplies the per-image variation (AU jitter and dropout, nuisance).
+  `nuisance=False` draws the canonical face (frontal, centred, flat light, no
+  blur or noise, no per-image AU variation): for tests and illustrations.
   """
   s = subject
-  a = expression_aus(s, expression, intensity, rng) + np.asarray(s.rest_aus)
-  au = {k: float(a[i]) for k, i in _A.items()}
+  a = expression_aus(s, expression, intensity, rng, variation=nuisance)
+  a = a + np.asarray(s.rest_aus)
+  au = {k: float(a[i]) for k, i in _AU_INDEX.items()}
 
   # Nuisance geometry: rotation and scale about the image centre, shift, yaw.
-  angle = rng.uniform(-8.0, 8.0)
-  scale = rng.uniform(0.92, 1.08)
-  shift = rng.uniform(-3.0, 3.0, size=2)
-  yaw = rng.uniform(-3.5, 3.5)
+  if nuisance:
+    angle = rng.uniform(-8.0, 8.0)
+    scale = rng.uniform(0.92, 1.08)
+    shift = rng.uniform(-3.0, 3.0, size=2)
+    yaw = rng.uniform(-3.5, 3.5)
+    background = s.background + rng.normal(0.0, 12.0)
+    gaze = rng.normal(0.0, 0.6, size=2)
+  else:
+    angle, scale, shift, yaw = 0.0, 1.0, np.zeros(2), 0.0
+    background = s.background
+    gaze = np.zeros(2)
   m = cv2.getRotationMatrix2D((SIZE / 2.0, SIZE / 2.0), angle, scale)
   m[:, 2] += shift
-  cv = _Canvas(s.background + rng.normal(0.0, 12.0), m, yaw, scale)
+  cv = _Canvas(background, m, yaw, scale)
 
   skin = s.skin
   cx = SIZE / 2.0
@@ -459,7 +505,6 @@ def render_face(subject: SubjectParams, expression: str, intensity: float,
   lower = s.eye_open * 0.75 * (1.0 - 0.45 * au[7] - 0.45 * au[6] + 0.15 * au[5])
   lower = max(0.35, lower)
   lower_exp = max(0.25, 0.9 - 0.55 * au[7])
-  gaze = rng.normal(0.0, 0.6, size=2)
   for side in (-1.0, 1.0):
     ex = cx + side * s.eye_spacing
     ew = s.eye_half_width
@@ -593,7 +638,7 @@ def render_face(subject: SubjectParams, expression: str, intensity: float,
              [cx + s.eye_spacing - s.eye_half_width - 3.0, eye_y - 0.5]],
             35.0, depth=0.9)
 
-  return _photometric(cv.img, rng)
+  return _photometric(cv.img, rng) if nuisance else cv.img
 
 
 def _draw_eye(cv: _Canvas, outline: np.ndarray, iris_centre, s: SubjectParams,
@@ -793,6 +838,16 @@ def generate(output_dir: str, num_subjects: int = 60, images_per_cell: int = 10,
 
   new_paths = _all_relpaths(num_subjects, images_per_cell)
   old = _read_params(output_dir) if existing else None
+  if existing and old is None:
+    # Not a set this tool wrote: --overwrite may add files beside others but
+    # never replaces one of them (a preprocessed set's manifest, say).
+    ours = set(new_paths) | {contract.MANIFEST_NAME, CONTACT_SHEET_NAME, PARAMS_NAME}
+    clash = [p for p in existing if p in ours]
+    if clash:
+      raise UserError(
+          f"output directory {output_dir} holds {clash[0]!r}, which "
+          "data_tools.synthetic did not write and would replace: choose a new "
+          "--output_dir")
   if old is not None:
     # Stale images of an earlier, larger synthetic run: ours, so remove them.
     try:
@@ -890,14 +945,16 @@ def _is_complete(output_dir: str, params: dict) -> bool:
 
 def ensure_synthetic(output_dir: str, num_subjects: int = 60,
                      images_per_cell: int = 10, seed: int = 0, *,
-                     confounders: float = 1.0, workers: int = 0,
+                     confounders: float = 1.0, workers: int = 1,
                      log: Optional[Callable[[str], None]] = None) -> str:
   """Returns a directory holding the synthetic set, generating it only if needed.
 
   Reuses a complete set made there with the same parameters (recorded in
   synthetic.json beside the manifest); regenerates one this generator made with
   other parameters or left unfinished; refuses (UserError) a directory holding
-  anything else.
+  anything else. One worker by default: the default set takes about 10 s on one
+  core, and worker processes would re-import the caller's main module (JAX,
+  TensorFlow) to start.
   """
   _check_args(num_subjects, images_per_cell, confounders)
   output_dir = os.path.abspath(output_dir)

@@ -5,7 +5,12 @@ and compares its accuracy on held-out images of those subjects with its accuracy
 on subjects it never saw. A large gap means a classifier can lean on who a person
 is; DICE-FER's claim is that removing identity closes it. Used to tune the
 synthetic set's confounders (data_tools/synthetic.py) without waiting for the
-ResNet-18 trainer; it runs in a couple of minutes on two CPU cores.
+ResNet-18 trainer; it runs in about three minutes on two shared CPU cores.
+
+Measured on the default synthetic set (60 subjects x 7 x 10, seed 0), 800 steps:
+held-out seen 88.7%, unseen 71.0%, gap 17.8 points (split seed 0); 91.3%,
+70.6%, 20.7 (split seed 1). With --confounders=0 (same people, no misleading
+resting traits): 93.7%, 85.0%, gap 8.6.
 
 Split: subjects are shuffled and split 75/25 into seen/unseen; 20% of the seen
 subjects' images are held out; the CNN trains on the rest.
@@ -33,10 +38,10 @@ from dicefer_jax.errors import UserError
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("data_dir", None, "A face set in the on-disk contract.")
-flags.DEFINE_integer("steps", 600, "Training steps.")
+flags.DEFINE_integer("steps", 800, "Training steps.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_integer("image_size", 48, "Side the 112 px faces are shrunk to.")
-flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
+flags.DEFINE_float("learning_rate", 2e-3, "Peak AdamW learning rate.")
 flags.DEFINE_integer("width", 16, "Channels of the first conv stage (x2, x4 later).")
 flags.DEFINE_integer("seed", 0, "Seed of the subject split and the training.")
 flags.DEFINE_float("unseen_fraction", 0.25, "Fraction of subjects never trained on.")

@@ -27,3 +27,47 @@ def confusion_matrix_png(confusion, class_names, path: str, title: str = "") -> 
   fig.savefig(path, dpi=120)
   plt.close(fig)
   return path
+
+
+def embedding_png(points, categories, path: str, title: str = "", order=None,
+                  max_legend: int = 20) -> str:
+  """2-D embedding (e.g. t-SNE) scattered and coloured by category.
+
+  Args:
+    points: (n, 2) coordinates.
+    categories: one name per point (an expression, a subject id); "" is drawn
+      grey as "unknown".
+    path: PNG to write.
+    title: figure title.
+    order: optional legend order (e.g. the canonical expressions); categories
+      not in it follow, sorted.
+    max_legend: above this many categories the legend is left out (a legend of
+      60 subjects hides the plot); colours then only tell neighbours apart.
+  """
+  points = np.asarray(points)
+  categories = np.asarray([str(c) for c in categories], dtype=object)
+  present = set(categories) - {""}
+  order = [c for c in (order or ()) if c in present]
+  known = order + sorted(present - set(order))
+  many = len(known) > 20
+  cmap = plt.get_cmap("hsv" if many else "tab10" if len(known) <= 10 else "tab20")
+  fig, ax = plt.subplots(figsize=(6.5, 5.5))
+  unknown = categories == ""
+  if unknown.any():
+    ax.scatter(points[unknown, 0], points[unknown, 1], s=8, c="lightgrey", label="unknown")
+  for i, c in enumerate(known):
+    m = categories == c
+    color = cmap(i / len(known)) if many else cmap(i)
+    ax.scatter(points[m, 0], points[m, 1], s=8, color=color, label=c)
+  if len(known) <= max_legend:
+    ax.legend(fontsize=7, markerscale=2, loc="best", frameon=False)
+  else:
+    ax.text(0.01, 0.01, f"{len(known)} categories (legend omitted)",
+            transform=ax.transAxes, fontsize=7)
+  ax.set_xticks([])
+  ax.set_yticks([])
+  ax.set_title(title, fontsize=10)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+  return path

@@ -1,0 +1,412 @@
+r"""The subject-independent protocol: every method, variant and fold, and one table.
+
+  python -m experiments.protocol --config=experiments/configs/demo.py --folds=3 \
+      --workdir=runs/protocol [--methods=dicefer,baseline] \
+      [--sweep=loss.zeta=0.005,0.01,0.025] [--ablations=no_swap,delta0,no_stage2] \
+      [--config.FIELD=VALUE ...] [--mig_seeds=3 ...]
+
+Each (variant, fold) trains and evaluates in its own workdir,
+DIR/<variant>/fold<i> (DIR/<variant>/official when the data ships an official
+split, which is then used once instead of folds), through experiments.run.run
+and experiments.evaluate.evaluate in this process. Variants:
+
+- `dicefer`, `baseline`: the methods (--methods), on the given config;
+- `<method>_<field>=<value>`: one per --sweep value (the baseline is swept only
+  when the field can change it: it ignores loss.*, stage1-3.* and the critics);
+- `dicefer_<ablation>`: DICE-FER with one ingredient off (--ablations; the table
+  is experiments/configs/ablations.py).
+
+DIR/protocol.md and DIR/protocol.json hold the mean and std over folds of each
+metric per variant, and the per-fold rows; they are rewritten after every run.
+An interrupted protocol continues where it stopped when rerun with the same
+flags: a run whose eval/metrics.json matches its config and evaluation settings
+is reused, a partly trained one resumes from its checkpoints.
+"""
+
+from dicefer_jax import environment  # noqa: F401  (sets XLA/TF flags; must come first)
+
+import dataclasses
+import json
+import os
+import time
+from typing import Callable, Sequence
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from dicefer_jax import contract, evaluation, splits, train
+from dicefer_jax import data as data_lib
+from dicefer_jax.errors import UserError
+from experiments import cli
+from experiments import evaluate as evaluate_lib
+# experiments.run defines --config, --workdir (and --stage); the protocol shares
+# the first two rather than defining clashing flags of the same names.
+from experiments import run as run_lib
+from experiments.configs import ablations as ablations_lib
+
+_FOLDS = flags.DEFINE_integer(
+    "folds", None, "Number of subject-held-out folds (default: config.num_folds). "
+    "Ignored when the data has an official split.")
+_METHODS = flags.DEFINE_list("methods", ["dicefer", "baseline"], "Methods to run.")
+_SWEEP = flags.DEFINE_string(
+    "sweep", "", "FIELD=V1,V2,...: one variant per value of a config field, "
+    "e.g. loss.zeta=0.005,0.01,0.025.")
+_ABLATIONS = flags.DEFINE_list(
+    "ablations", [], f"DICE-FER ablations to add: {','.join(ablations_lib.ABLATIONS)}.")
+_EVAL_FLAGS = evaluate_lib.define_flags()
+
+METHODS = ("dicefer", "baseline")
+# Config fields the baseline never reads: sweeping them re-runs DICE-FER only.
+DICEFER_ONLY = ("loss.", "stage1.", "stage2.", "stage3.", "train.disc_", "model.exp_dim",
+                "model.id_dim", "model.critic_hidden", "model.disc_hidden",
+                "model.local_stage", "model.classifier_")
+# Fields that change neither training nor results: a finished run is reused
+# even when they differ.
+COSMETIC = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
+            "synthetic.cache_dir")
+
+
+def _get(m: dict, *path):
+  """m[path[0]][path[1]]..., or None when any step is missing or null."""
+  for key in path:
+    if not isinstance(m, dict) or m.get(key) is None:
+      return None
+    m = m[key]
+  return m
+
+
+# (key, column header, extractor from metrics.json). "Expression representation"
+# = z_exp for DICE-FER, the pooled feature for the baseline.
+METRICS = (
+    ("accuracy", "accuracy", lambda m: _get(m, "accuracy")),
+    ("macro_f1", "macro-F1", lambda m: _get(m, "macro_f1")),
+    ("mig", "MIG", lambda m: _get(m, "mig", "mean")),
+    ("pair_mi", "I(M;N) expr.",
+     lambda m: _get(m, "mig", "terms", _get(m, "mig", "representation_pair") or "", "mean")),
+    ("exp_id_mi", "I(z_exp;z_id)", lambda m: _get(m, "mig", "terms", "exp_id", "mean")),
+    ("feature_pair_mi", "I(M;N) feature",
+     lambda m: _get(m, "mig", "terms", "feature_pair", "mean")),
+    ("leakage", "leakage expr.", lambda m: _get(m, "identity_leakage", "accuracy")),
+    ("leakage_feature", "leakage feature",
+     lambda m: _get(m, "identity_leakage", "probes", "feature", "accuracy")),
+    ("leakage_chance", "leakage chance", lambda m: _get(m, "identity_leakage", "chance")),
+    ("retrieval", "retrieval expr.", lambda m: _get(m, "retrieval", "precision_at_k")),
+    ("retrieval_chance", "retrieval chance", lambda m: _get(m, "retrieval", "chance")),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One line of the table: a method and the config overrides that make it."""
+
+  name: str
+  method: str
+  overrides: tuple = ()   # ((dotted field, value), ...)
+
+
+def _field_value(config, field: str):
+  node = config
+  for name in field.split("."):
+    node = node[name]
+  return node
+
+
+def _parse_value(field: str, current, text: str):
+  """`text` as a value of the type of the field's current value."""
+  try:
+    if isinstance(current, bool):
+      lowered = text.strip().lower()
+      if lowered not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(text)
+      return lowered in ("true", "1", "yes")
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str):
+      return text
+  except ValueError:
+    raise UserError(f"--sweep value {text!r} is not a valid {type(current).__name__} "
+                    f"for {field}") from None
+  raise UserError(f"--sweep cannot vary {field} (a {type(current).__name__}): sweep a "
+                  "number, bool or string field")
+
+
+def parse_sweep(text: str, config) -> tuple[str, list[tuple[str, object]]]:
+  """'FIELD=V1,V2' -> (FIELD, [(text, value), ...]); ('', []) for ''."""
+  if not text:
+    return "", []
+  field, sep, values = text.partition("=")
+  field = field.strip()
+  tokens = [v.strip() for v in values.split(",") if v.strip()]
+  if not sep or not field or not tokens:
+    raise UserError(f"--sweep={text!r} is malformed: use FIELD=V1,V2,... "
+                    "(e.g. --sweep=loss.zeta=0.005,0.01,0.025)")
+  try:
+    current = _field_value(config, field)
+  except (KeyError, AttributeError):
+    raise UserError(f"--sweep field {field!r} does not exist in the config") from None
+  if len(set(tokens)) != len(tokens):
+    raise UserError(f"--sweep={text!r} repeats a value")
+  return field, [(t, _parse_value(field, current, t)) for t in tokens]
+
+
+def make_variants(config, methods: Sequence[str], sweep: str = "",
+                  ablations: Sequence[str] = ()) -> list[Variant]:
+  """The variants of a protocol, in table order."""
+  unknown = [m for m in methods if m not in METHODS]
+  if unknown or not methods:
+    raise UserError(f"--methods={','.join(methods)} is invalid: use some of "
+                    f"{','.join(METHODS)}")
+  bad = [a for a in ablations if a not in ablations_lib.ABLATIONS]
+  if bad:
+    raise UserError(f"unknown ablation(s) {', '.join(bad)}: use some of "
+                    f"{', '.join(ablations_lib.ABLATIONS)}")
+  field, values = parse_sweep(sweep, config)
+  variants = []
+  for method in methods:
+    swept = values and (method == "dicefer" or not field.startswith(DICEFER_ONLY))
+    if swept:
+      variants += [Variant(f"{method}_{field}={token}", method, ((field, value),))
+                   for token, value in values]
+    else:
+      variants.append(Variant(method, method))
+  for name in ablations:
+    variants.append(Variant(f"dicefer_{name}", "dicefer",
+                            tuple(ablations_lib.ABLATIONS[name].items())))
+  return variants
+
+
+def fold_plan(config, folds: int | None) -> tuple[str, list]:
+  """(split kind, fold ids): [None] for an official split, else 0..folds-1.
+
+  Checks that the data can fill that many folds before anything trains.
+  """
+  records = contract.read_manifest(data_lib.resolve_data_dir(config))
+  kind = splits.split_kind(records)
+  if kind == "official":
+    return kind, [None]
+  num_folds = int(config.num_folds if folds is None else folds)
+  splits.fold_assignments(records, num_folds=num_folds, seed=config.split_seed)
+  return kind, list(range(num_folds))
+
+
+def run_config(config, variant: Variant, fold, num_folds: int):
+  c = config.copy_and_resolve_references()
+  c.method = variant.method
+  if fold is not None:
+    c.num_folds = num_folds
+    c.fold = fold
+  for field, value in variant.overrides:
+    ablations_lib.set_field(c, field, value)
+  return c
+
+
+def run_dir(workdir: str, variant: Variant, fold) -> str:
+  return os.path.join(workdir, variant.name, "official" if fold is None else f"fold{fold}")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flatten(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def reusable_metrics(config, workdir: str, eval_settings) -> dict | None:
+  """The run's metrics.json if it is finished for THIS config and these evaluation
+  settings, else None (then it is trained on and/or evaluated again)."""
+  metrics_path = os.path.join(workdir, "eval", "metrics.json")
+  config_path = os.path.join(workdir, train.CONFIG_NAME)
+  if not (os.path.exists(metrics_path) and os.path.exists(config_path)):
+    return None
+  with open(config_path) as f:
+    saved = _flatten(json.load(f))
+  now = _flatten(json.loads(config.to_json_best_effort()))
+  if any(saved.get(k) != now.get(k) for k in set(saved) | set(now) if k not in COSMETIC):
+    return None
+  with open(metrics_path) as f:
+    metrics = json.load(f)
+  if metrics.get("eval_settings") != json.loads(json.dumps(eval_settings.as_dict())):
+    return None
+  return metrics
+
+
+def summarize(rows: list[dict], variants: Sequence[Variant]) -> dict:
+  """{variant: {metric: {mean, std, n}}} over the finished folds (std with ddof=1)."""
+  summary = {}
+  for v in variants:
+    done = [r for r in rows if r["variant"] == v.name and r["status"] in ("ran", "reused")]
+    summary[v.name] = {key: evaluation.mean_std([r["metrics"].get(key) for r in done])
+                       for key, _, _ in METRICS}
+    summary[v.name]["folds_done"] = len(done)
+  return summary
+
+
+def _fmt(x, std=None) -> str:
+  if x is None:
+    return "n/a"
+  return f"{x:.3f}" if std is None else f"{x:.3f} ± {std:.3f}"
+
+
+def markdown(report: dict) -> str:
+  """protocol.md: the summary table, the per-fold rows and how to read them."""
+  variants = report["variants"]
+  headers = [h for _, h, _ in METRICS]
+  lines = [f"# Protocol: {report['split_kind']} split, "
+           f"{len(report['folds'])} fold(s)", "",
+           f"Data: `{report['data_dir']}`. {report['split_note']}", "",
+           f"Runs finished: {report['runs_done']} of {report['runs_total']}"
+           f"{'' if report['complete'] else ' (incomplete: rerun the same command to continue)'}.",
+           "", "## Mean ± std over folds (std with ddof=1)", "",
+           "| variant | folds | " + " | ".join(headers) + " |",
+           "|" + "---|" * (len(headers) + 2)]
+  for v in variants:
+    s = report["summary"][v["name"]]
+    cells = [_fmt(s[key]["mean"], s[key]["std"]) for key, _, _ in METRICS]
+    lines.append(f"| {v['name']} | {s['folds_done']}/{len(report['folds'])} | "
+                 + " | ".join(cells) + " |")
+  lines += ["", "## Per fold", "",
+            "| variant | fold | status | " + " | ".join(headers) + " |",
+            "|" + "---|" * (len(headers) + 3)]
+  for r in report["rows"]:
+    cells = [_fmt(r["metrics"].get(key)) for key, _, _ in METRICS]
+    lines.append(f"| {r['variant']} | {r['fold']} | {r['status']} | " + " | ".join(cells)
+                 + " |")
+  errors = [r for r in report["rows"] if r.get("error")]
+  if errors:
+    lines += ["", "## Failed runs", ""]
+    lines += [f"- {r['variant']} fold {r['fold']}: {r['error']}" for r in errors]
+  mig = report["eval_settings"]["mig"]
+  lines += [
+      "", "## Reading the table", "",
+      "- expr. = the expression representation: z_exp for DICE-FER, the pooled "
+      "ResNet-18 feature for the baseline (what its linear head classifies). "
+      "feature = the pooled exp_encoder feature, for every method.",
+      "- MIG = I(z_exp(M); z_exp(N)) - I(z_exp(M); z_id(M)) in nats (higher = "
+      "better disentangled); n/a for the baseline, which has no z_id. "
+      "I(M;N) = MI between the representations of two test images with the same "
+      "expression and different subjects. Each MI is the DV bound of a freshly "
+      f"trained critic (GlobalCritic, hidden {mig['hidden']}, {mig['num_steps']} Adam "
+      f"steps, early-stopped on validation pairs) on held-out pairs, mean of "
+      f"{mig['num_seeds']} seeds.",
+      "- leakage = accuracy of a linear probe naming the subject from the code, "
+      "trained and tested on different images of the training subjects; compare "
+      "with leakage chance (the majority-subject rate). Lower = less identity.",
+      "- retrieval = share of each test image's "
+      f"{report['eval_settings']['retrieval_k']} nearest neighbours, among other "
+      "people only, with the same expression; chance = that share for random "
+      "neighbours.",
+      "- Per-run details (per-class recall, confusion, per-seed MI, t-SNE maps): "
+      "`<variant>/<fold>/eval/`.", ""]
+  return "\n".join(lines)
+
+
+def _write(path: str, text: str) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
+def run_protocol(config, workdir: str, *, folds: int | None = None,
+                 methods: Sequence[str] = METHODS, sweep: str = "",
+                 ablations: Sequence[str] = (),
+                 eval_settings: evaluate_lib.EvalSettings | None = None,
+                 run_fn: Callable = run_lib.run,
+                 evaluate_fn: Callable = evaluate_lib.evaluate) -> dict:
+  """Runs (or reuses) every (fold, variant) and writes protocol.md/.json.
+
+  Folds are the outer loop, so a protocol stopped early still has complete
+  DICE-FER/baseline comparisons on the folds it finished.
+  """
+  eval_settings = eval_settings or evaluate_lib.EvalSettings()
+  variants = make_variants(config, methods, sweep, ablations)
+  kind, fold_ids = fold_plan(config, folds)
+  num_folds = len(fold_ids)
+  os.makedirs(workdir, exist_ok=True)
+  probe = run_config(config, variants[0], fold_ids[0], num_folds)
+  data_dir = data_lib.resolve_data_dir(probe)
+  split_note = {
+      "official": "The data's official train/test split, used once (no folds).",
+      "subject": f"Subject-held-out {num_folds}-fold cross-validation (seed "
+                 f"{config.split_seed}): every test fold holds out whole people.",
+      "stratified": f"Subject ids are missing, so the {num_folds} folds are over images "
+                    "(stratified by expression): test people may also appear in training, "
+                    "and the protocol is NOT subject-independent.",
+  }[kind]
+  rows = []
+  total = len(fold_ids) * len(variants)
+
+  def report(final: bool) -> dict:
+    done = sum(r["status"] in ("ran", "reused") for r in rows)
+    rep = dict(split_kind=kind, split_note=split_note, data_dir=data_dir,
+               folds=["official" if f is None else f for f in fold_ids],
+               variants=[dict(name=v.name, method=v.method,
+                              overrides={k: val for k, val in v.overrides})
+                         for v in variants],
+               metrics={key: header for key, header, _ in METRICS},
+               eval_settings=eval_settings.as_dict(), rows=list(rows),
+               summary=summarize(rows, variants), runs_done=done, runs_total=total,
+               complete=final and done == total)
+    with open(os.path.join(workdir, "protocol.json.tmp"), "w") as f:
+      json.dump(rep, f, indent=2)
+    os.replace(os.path.join(workdir, "protocol.json.tmp"),
+               os.path.join(workdir, "protocol.json"))
+    _write(os.path.join(workdir, "protocol.md"), markdown(rep))
+    return rep
+
+  for fold in fold_ids:
+    for variant in variants:
+      cfg = run_config(config, variant, fold, num_folds)
+      wd = run_dir(workdir, variant, fold)
+      row = dict(variant=variant.name, method=variant.method,
+                 fold="official" if fold is None else fold,
+                 workdir=os.path.relpath(wd, workdir), metrics={})
+      start = time.time()
+      metrics = reusable_metrics(cfg, wd, eval_settings)
+      if metrics is not None:
+        row["status"] = "reused"
+        print(f"[protocol] {variant.name} {row['fold']}: reusing {wd}", flush=True)
+      else:
+        print(f"[protocol] {variant.name} {row['fold']}: training and evaluating in {wd}",
+              flush=True)
+        try:
+          run_fn(cfg, wd, "all")
+          metrics = evaluate_fn(wd, eval_settings)
+          row["status"] = "ran"
+        except train.TrainingDiverged as e:
+          # A diverged run is a result (the config is unstable), not a reason to
+          # lose the other runs: it is listed, and left out of the means.
+          row.update(status="diverged", error=str(e))
+      if metrics is not None:
+        row["metrics"] = {key: get(metrics) for key, _, get in METRICS}
+      row["seconds"] = round(time.time() - start, 1)
+      rows.append(row)
+      report(final=False)
+  return report(final=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["workdir"].value:
+    raise app.UsageError("--workdir is required: where every run and the table go")
+  if flags.FLAGS["stage"].present:
+    raise app.UsageError("--stage does not apply: the protocol trains every stage")
+  logging.set_verbosity(logging.WARNING)
+  workdir = flags.FLAGS["workdir"].value
+  settings = cli.run_or_exit(evaluate_lib.settings_from_flags, _EVAL_FLAGS)
+  rep = cli.run_or_exit(run_protocol, flags.FLAGS["config"].value, workdir,
+                        folds=_FOLDS.value, methods=_METHODS.value, sweep=_SWEEP.value,
+                        ablations=_ABLATIONS.value, eval_settings=settings)
+  print(markdown(rep).split("\n## Per fold")[0])
+  print(f"wrote {os.path.join(workdir, 'protocol.md')} and protocol.json")
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=cli.parse_flags)
