@@ -134,10 +134,10 @@ class CriticSettings:
     pairs_per_image: partners N drawn per image M.
     eval_permutations: derangements whose marginal samples are pooled when a bound
       is computed on validation or held-out data (less log-mean-exp variance).
-    pca_dim: inputs wider than this are PCA-projected (fit on the training part)
-      to this many dimensions first; 0 = never. A deterministic projection can
-      only lower MI, so the estimate stays a lower bound, and the critic has far
-      fewer weights with which to memorise a few hundred samples.
+    pca_dim: inputs are whitened by PCA on the training part, keeping at most
+      this many components (0 = all). A deterministic projection can only lower
+      MI, so the estimate stays a lower bound, and the critic has far fewer
+      weights with which to memorise a few hundred samples.
   """
 
   hidden: int = 64
@@ -156,20 +156,38 @@ class CriticSettings:
     return dataclasses.asdict(self)
 
 
+# Standardised inputs are clipped to this many standard deviations: a held-out
+# code far outside the training cloud (a dead unit that fires once) otherwise
+# makes a critic extrapolate to huge scores, and one huge marginal score sinks the
+# whole held-out bound (seen: -19 nats on a 4-pair validation set).
+_CLIP_STD = 5.0
+# Principal directions with less variance than this fraction of the largest are
+# dropped: standardising a near-constant direction blows up held-out values.
+_MIN_RELATIVE_VARIANCE = 1e-6
+# Fewer validation or held-out samples than this: the term carries a warning.
+_FEW_SAMPLES = 50
+
+
 def _standardizer(x_train: np.ndarray, pca_dim: int):
-  """x -> standardised (and PCA-projected, if wide) x, fit on x_train only."""
+  """x -> whitened x: PCA on x_train (at most pca_dim components when pca_dim > 0,
+  near-constant directions dropped), unit variance, clipped to +-_CLIP_STD.
+
+  Every step is a fixed function of x, so the MI of the output is at most that of
+  the input: a bound on the output's MI is still a bound on the input's.
+  """
   x_train = np.asarray(x_train, np.float64)
   mean = x_train.mean(0)
-  basis = None
-  if pca_dim and x_train.shape[1] > pca_dim:
-    # Principal directions of the training part (SVD; no sklearn state to carry).
-    _, _, vt = np.linalg.svd(x_train - mean, full_matrices=False)
-    basis = vt[:pca_dim].T
-  project = lambda x: (np.asarray(x, np.float64) - mean) @ basis if basis is not None \
-      else np.asarray(x, np.float64) - mean
-  scale = project(x_train).std(0)
-  scale = np.where(scale > 1e-8, scale, 1.0)
-  return lambda x: (project(x) / scale).astype(np.float32)
+  # Principal directions of the training part (SVD; no sklearn state to carry).
+  _, singular, vt = np.linalg.svd(x_train - mean, full_matrices=False)
+  variance = singular ** 2 / max(len(x_train) - 1, 1)
+  keep = variance > _MIN_RELATIVE_VARIANCE * max(variance.max(initial=0.0), 1e-30)
+  if pca_dim:
+    keep &= np.arange(len(variance)) < pca_dim
+  if not keep.any():   # a constant code: one (zero) column, nothing to learn from
+    return lambda x: np.zeros((len(x), 1), np.float32)
+  basis = vt[keep].T / np.sqrt(variance[keep])
+  return lambda x: np.clip((np.asarray(x, np.float64) - mean) @ basis,
+                           -_CLIP_STD, _CLIP_STD).astype(np.float32)
 
 
 def _bucket(n: int) -> int:
@@ -267,8 +285,8 @@ def dv_mutual_information_estimate(x_train, z_train, x_val, z_val, x_eval, z_eva
   mi.marginal_permutation marginals); the step with the best bound on (x_val,
   z_val) is kept; the result is that critic's DV bound on (x_eval, z_eval), with
   marginal samples from `settings.eval_permutations` derangements
-  (mi.marginal_permutation) of the held-out rows. Inputs are standardised (and
-  PCA-projected when wider than settings.pca_dim) with training-part statistics.
+  (mi.marginal_permutation) of the held-out rows. Inputs are whitened (PCA, at
+  most settings.pca_dim components, clipped at 5 std) with training-part statistics.
   Being a bound on unseen data it is not inflated by memorisation; with nothing
   to find it is about 0 (slightly negative by noise).
 
@@ -330,14 +348,24 @@ def _mi_term(x_of, z_of, splits, settings: CriticSettings, description: str,
     per_seed.append(dv_mutual_information_estimate(
         *(a for p in parts for a in (x_of(p), z_of(p))), seed=seed, settings=settings,
         padded_rows=padded_rows))
-  stats = mean_std([r["heldout"] for r in per_seed])
-  return dict(mean=stats["mean"], std=stats["std"],
-              per_seed=[r["heldout"] for r in per_seed],
-              validation_per_seed=[r["validation"] for r in per_seed],
-              train_per_seed=[r["train"] for r in per_seed],
-              num_train=per_seed[0]["num_train"],
-              num_validation=per_seed[0]["num_validation"],
-              num_heldout=per_seed[0]["num_heldout"], description=description)
+  # MI >= 0, so max(0, bound) is still a lower bound, and the tighter one: a
+  # critic that found nothing that carries over to unseen pairs counts as "no
+  # evidence of MI" (0), not as the arbitrary negative number it scored there.
+  raw = [r["heldout"] for r in per_seed]
+  values = [None if v is None else max(v, 0.0) for v in raw]
+  stats = mean_std(values)
+  result = dict(mean=stats["mean"], std=stats["std"], per_seed=values,
+                heldout_bound_per_seed=raw,
+                validation_per_seed=[r["validation"] for r in per_seed],
+                train_per_seed=[r["train"] for r in per_seed],
+                num_train=per_seed[0]["num_train"],
+                num_validation=per_seed[0]["num_validation"],
+                num_heldout=per_seed[0]["num_heldout"], description=description)
+  if min(result["num_validation"], result["num_heldout"]) < _FEW_SAMPLES:
+    result["warning"] = (
+        f"only {result['num_validation']} validation and {result['num_heldout']} held-out "
+        "samples: the estimate is noisy")
+  return result
 
 
 def image_splits(labels, subjects, settings: CriticSettings, seed: int
@@ -369,9 +397,10 @@ def modified_mig(labels, subjects, *, z_exp=None, z_id=None, feature=None,
 
   M and N are test images with the same expression and different subjects (when
   known). Each seed draws its own train/validation/held-out split of the IMAGES
-  (stratified by expression and subject), pairs images within each part, trains fresh critics
-  and scores them on the held-out part; MIG is taken per seed, then mean and std
-  over the seeds.
+  (stratified by expression and subject), pairs images within each part, trains
+  fresh critics (`dv_mutual_information_estimate`) and scores them on the
+  held-out part. Each term is max(0, held-out DV bound) in nats; MIG is taken per
+  seed, then mean and std (ddof=1) over the seeds.
 
   Args:
     labels: expression label per test image.
@@ -412,7 +441,7 @@ def modified_mig(labels, subjects, *, z_exp=None, z_id=None, feature=None,
 
   terms = dict(exp_pair=pair_term(z_exp, "z_exp"))
   if z_exp is None or z_id is None:
-    absent = "z_exp" if z_exp is None else "z_id"
+    absent = "z_id" if z_id is None else "z_exp"
     terms["exp_id"] = unavailable(missing.get(absent, f"no {absent}"), mean=None, std=None,
                                   per_seed=None, description="I(z_exp(M); z_id(M))")
   else:
@@ -426,8 +455,8 @@ def modified_mig(labels, subjects, *, z_exp=None, z_id=None, feature=None,
                 cross_subject_pairs=bool(np.all(known_subjects(subjects) != "")))
   a, b = terms["exp_pair"]["per_seed"], terms["exp_id"]["per_seed"]
   if a is None or b is None:
-    reason = "; ".join(terms[t]["reason"] for t in ("exp_pair", "exp_id")
-                       if "reason" in terms[t])
+    reason = "; ".join(dict.fromkeys(terms[t]["reason"] for t in ("exp_id", "exp_pair")
+                                     if "reason" in terms[t]))
     result.update(mean=None, std=None, per_seed=None, reason=reason)
   else:
     per_seed = [x - y if x is not None and y is not None else None for x, y in zip(a, b)]
@@ -582,8 +611,14 @@ def subsample(n: int, max_points: int, seed: int) -> np.ndarray:
 def tsne_2d(codes, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
   """2-D t-SNE of codes (standardised first); perplexity is capped below n/3."""
   from sklearn import manifold  # pylint: disable=g-import-not-at-top
+  import threadpoolctl  # pylint: disable=g-import-not-at-top
   x = np.asarray(codes, np.float64)
   x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-8)
   perplexity = float(min(perplexity, max(1.0, (len(x) - 1) / 3)))
-  return manifold.TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto",
-                       random_state=seed).fit_transform(x)
+  tsne = manifold.TSNE(2, perplexity=perplexity, init="pca", learning_rate="auto",
+                       random_state=seed)
+  # One OpenMP thread: on a busy machine (XLA's and TensorFlow's pools, other
+  # processes) spinning OpenMP workers made a 40-point map take 10 s instead of
+  # 0.1 s; for <= ~1000 points one thread is fast anyway.
+  with threadpoolctl.threadpool_limits(1, user_api="openmp"):
+    return tsne.fit_transform(x)

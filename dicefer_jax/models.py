@@ -96,18 +96,25 @@ class ResNet18Encoder(nn.Module):
   """E_exp / E_id: ResNet-18 trunk, global average pool, and a linear code head.
 
   `local_stage` (1-4) chooses which stage's map is returned for the local critic.
+  `normalize_code` standardises z over the batch (BatchNorm without scale/bias):
+  the stage-1 L1 pull |z_M - z_N| is otherwise minimised by shrinking every code
+  towards one point, a collapse that also starves the critics of signal.
   """
 
   code_dim: int = 64
   width: int = 64
   local_stage: int = 4
   dtype: Any = jnp.float32
+  normalize_code: bool = False
 
   @nn.compact
   def __call__(self, images, train: bool) -> EncoderOutput:
     maps = ResNet18Trunk(self.width, self.dtype, name="trunk")(images, train)
     feature = jnp.mean(maps[-1], axis=(1, 2)).astype(jnp.float32)
     code = nn.Dense(self.code_dim, name="code")(feature)
+    if self.normalize_code:
+      code = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
+                          use_scale=False, use_bias=False, name="code_norm")(code)
     return EncoderOutput(code, feature, maps[self.local_stage - 1].astype(jnp.float32))
 
 
@@ -193,7 +200,8 @@ def build_model(model_config, num_classes: int) -> DiceferModel:
   """Module definitions from the `model` block of a config."""
   c = model_config
   dtype = jnp.bfloat16 if c.get("half_precision", False) else jnp.float32
-  encoder = lambda dim: ResNet18Encoder(dim, c.width, c.local_stage, dtype)
+  encoder = lambda dim: ResNet18Encoder(dim, c.width, c.local_stage, dtype,
+                                       c.get("normalize_code", False))
   global_critic = GlobalCritic(c.critic_hidden)
   local_critic = LocalCritic(c.critic_hidden)
   return DiceferModel(

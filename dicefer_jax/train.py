@@ -22,8 +22,24 @@ from dicefer_jax.data import FaceData
 from dicefer_jax.errors import UserError
 
 DICEFER_STAGES = ("stage1", "stage2", "stage3")
-# The stage whose final checkpoint a stage starts from.
-PREREQUISITE = {"stage1": None, "stage2": "stage1", "stage3": "stage2", "baseline": None}
+ALL_STAGES = ("stage1", "stage2", "stage3", "baseline")
+
+
+def prerequisite(stage: str, config) -> str | None:
+  """The stage whose final checkpoint `stage` starts from (None: a fresh init).
+
+  With `stage1.init_from = "baseline"`, DICE-FER's E_exp starts from a supervised
+  ResNet-18 (the baseline stage run first in the same workdir), the way FER models
+  usually start from a pretrained backbone instead of from random weights.
+  """
+  if stage == "stage1":
+    return "baseline" if config.stage1.get("init_from", "") == "baseline" else None
+  return {"stage2": "stage1", "stage3": "stage2", "baseline": None}[stage]
+
+
+def _stage_flag(stage: str) -> str:
+  return stage[-1] if stage.startswith("stage") else stage
+
 # Fields that may change between runs in one workdir (they do not change the model
 # or what a checkpoint means); any other difference is refused.
 MUTABLE_FIELDS = ("stage1.num_steps", "stage2.num_steps", "stage3.num_steps",
@@ -45,11 +61,18 @@ def stages_for(config, stage_flag: str) -> list[str]:
     return ["baseline"]
   if config.method != "dicefer":
     raise UserError(f"unknown method {config.method!r}: use 'dicefer' or 'baseline'")
+  init_from = config.stage1.get("init_from", "")
+  if init_from not in ("", "baseline"):
+    raise UserError(f"stage1.init_from={init_from!r}: use '' (random init) or 'baseline'")
+  warmup = ["baseline"] if init_from == "baseline" else []
   if stage_flag == "all":
-    return list(DICEFER_STAGES)
+    return warmup + list(DICEFER_STAGES)
   if stage_flag in ("1", "2", "3"):
     return [f"stage{stage_flag}"]
-  raise UserError(f"--stage={stage_flag} is not a stage: use 1, 2, 3 or all")
+  if stage_flag == "baseline" and warmup:
+    return warmup
+  raise UserError(f"--stage={stage_flag} is not a stage: use 1, 2, 3 or all"
+                  + (" (or baseline, the warm-up)" if warmup else ""))
 
 
 def final_stage(config) -> str:
@@ -131,7 +154,7 @@ def initial_state(stage: str, config, model, prev_state=None) -> steps.StageStat
   params, batch_stats = models.init_variables(model, init_key, config.image_size)
   if prev_state is not None:
     params, batch_stats = prev_state.params, prev_state.batch_stats
-  rng = jax.random.fold_in(stage_key, ("stage1", "stage2", "stage3", "baseline").index(stage))
+  rng = jax.random.fold_in(stage_key, ALL_STAGES.index(stage))
   return steps.create_state(stage, params, batch_stats,
                             steps.make_optimizers(config.train, stage), rng)
 
@@ -139,7 +162,7 @@ def initial_state(stage: str, config, model, prev_state=None) -> steps.StageStat
 def stage_dataset(stage: str, config, data: FaceData, start_step: int):
   """Infinite training batches for a stage. Batch b depends only on (seed, stage, b),
   so a run resumed at `start_step` sees exactly the batches an uninterrupted run would."""
-  stage_index = ("stage1", "stage2", "stage3", "baseline").index(stage)
+  stage_index = ALL_STAGES.index(stage)
   seed = int(np.random.SeedSequence([config.seed, stage_index]).generate_state(1)[0] % (2**31))
   kwargs = dict(batch_size=config.batch_size, seed=seed, augment=True,
                 max_rotation_degrees=config.augment.max_rotation_degrees,
@@ -176,18 +199,51 @@ def _format_line(stage, step, num_steps, scalars, images_per_s, eta_s):
           f"eta {eta_s / 60:.1f} min")
 
 
+class StabilityMonitor:
+  """Says in the log when adversarial training or an MI estimate goes wrong.
+
+  Looks at each logged window: a discriminator whose accuracy stays pinned near 0
+  or 1 for `patience` windows has collapsed (the encoder gets no useful signal);
+  an MI estimate far beyond what a batch can support (the DV bound on B samples
+  rarely exceeds a few times log B when healthy) has diverged.
+  """
+
+  def __init__(self, stage: str, batch_size: int, patience: int = 5):
+    self.stage, self.patience = stage, patience
+    self.mi_limit = 5.0 * float(np.log(max(batch_size, 2)))
+    self.pinned = 0
+    self.warnings = []
+
+  def __call__(self, step: int, scalars: dict) -> list[str]:
+    found = []
+    acc = scalars.get("disc_accuracy")
+    if acc is not None:
+      self.pinned = self.pinned + 1 if (acc > 0.99 or acc < 0.01) else 0
+      if self.pinned == self.patience:
+        found.append(f"{self.stage} step {step}: discriminator accuracy pinned at "
+                     f"{acc:.3f} for {self.patience} log windows: it has collapsed; try "
+                     "--config.train.disc_steps, a lower disc_learning_rate or loss.zeta")
+    for k in ("mi_global", "mi_local"):
+      if k in scalars and abs(scalars[k]) > self.mi_limit:
+        found.append(f"{self.stage} step {step}: {k} = {scalars[k]:.3g} nats exceeds "
+                     f"{self.mi_limit:.3g}: the DV estimate is diverging; try "
+                     "--config.train.grad_clip_norm=1.0 or a lower learning rate")
+    self.warnings.extend(found)
+    return found
+
+
 def train_stage(stage: str, config, workdir: str, model, data: FaceData,
                 writer: MetricWriter, make_step: Callable = steps.make_step
                 ) -> steps.StageState:
   """Trains one stage to its num_steps, resuming from its latest checkpoint."""
   num_steps = int(config[stage].num_steps)
-  prev = PREREQUISITE[stage]
+  prev = prerequisite(stage, config)
   prev_state = None
   if prev is not None:
     if checkpoints.latest_step(workdir, prev) != int(config[prev].num_steps):
       raise UserError(
           f"{stage} needs the final checkpoint of {prev} in "
-          f"{checkpoints.stage_dir(workdir, prev)}: run --stage={prev[-1]} first "
+          f"{checkpoints.stage_dir(workdir, prev)}: run --stage={_stage_flag(prev)} first "
           "(or --stage=all)")
     prev_template = initial_state(prev, config, model)
     prev_state, _ = checkpoints.restore_final(workdir, prev, prev_template)
@@ -216,6 +272,7 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
   images_per_step = config.batch_size * (2 if stage in steps.PAIR_STAGES else 1)
   meta = dict(stage=stage, num_steps=num_steps, method=config.method)
 
+  monitor = StabilityMonitor(stage, config.batch_size)
   pending = []           # per-step metrics (device arrays) since the last check
   last_good_save = start
   window_start, window_step = time.time(), start
@@ -250,6 +307,8 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
         writer.write(stage, step, scalars)
         print(_format_line(stage, step, num_steps, scalars, rate,
                            (num_steps - step) * images_per_step / max(rate, 1e-9)), flush=True)
+        for warning in monitor(step, scalars):
+          print(f"WARNING: {warning}", flush=True)
         pending.clear()
         window_start, window_step = now, step
       if step % config.checkpoint_every == 0 or step == num_steps:

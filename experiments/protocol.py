@@ -34,6 +34,7 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 
 from dicefer_jax import contract, evaluation, splits, train
 from dicefer_jax import data as data_lib
@@ -54,6 +55,9 @@ _SWEEP = flags.DEFINE_string(
     "e.g. loss.zeta=0.005,0.01,0.025.")
 _ABLATIONS = flags.DEFINE_list(
     "ablations", [], f"DICE-FER ablations to add: {','.join(ablations_lib.ABLATIONS)}.")
+_COMPILATION_CACHE = flags.DEFINE_bool(
+    "compilation_cache", True, "Keep compiled XLA programs in DIR/jax_cache, so that "
+    "every fold after the first (and a rerun) skips most compilation.")
 _EVAL_FLAGS = evaluate_lib.define_flags()
 
 METHODS = ("dicefer", "baseline")
@@ -290,7 +294,7 @@ def markdown(report: dict) -> str:
       "- MIG = I(z_exp(M); z_exp(N)) - I(z_exp(M); z_id(M)) in nats (higher = "
       "better disentangled); n/a for the baseline, which has no z_id. "
       "I(M;N) = MI between the representations of two test images with the same "
-      "expression and different subjects. Each MI is the DV bound of a freshly "
+      "expression and different subjects. Each MI is max(0, DV bound) of a freshly "
       f"trained critic (GlobalCritic, hidden {mig['hidden']}, {mig['num_steps']} Adam "
       f"steps, early-stopped on validation pairs) on held-out pairs, mean of "
       f"{mig['num_seeds']} seeds.",
@@ -401,6 +405,11 @@ def main(argv):
   logging.set_verbosity(logging.WARNING)
   workdir = flags.FLAGS["workdir"].value
   settings = cli.run_or_exit(evaluate_lib.settings_from_flags, _EVAL_FLAGS)
+  if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
+    # Every run of a protocol compiles the same programs (one config, new
+    # closures): on 2 CPU cores a tiny fold's training went from 8.8 s to 3.2 s.
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   rep = cli.run_or_exit(run_protocol, flags.FLAGS["config"].value, workdir,
                         folds=_FOLDS.value, methods=_METHODS.value, sweep=_SWEEP.value,
                         ablations=_ABLATIONS.value, eval_settings=settings)

@@ -8,10 +8,9 @@ metrics themselves are checked on known answers in test_evaluation.py.
 
 import json
 import os
-import subprocess
-import sys
 
 from absl import flags
+from ml_collections import config_flags
 import numpy as np
 import pytest
 
@@ -137,23 +136,20 @@ def test_baseline_config_file_takes_a_base_name():
     baseline_config.get_config("huge")
 
 
-def test_baseline_config_and_evaluate_from_the_command_line(tiny_faceset, tmp_path):
+def test_baseline_config_string_through_config_flags(tiny_faceset, tmp_path):
+  """--config=experiments/configs/baseline.py:tiny, as experiments.run parses it."""
+  path = os.path.join(REPO, "experiments", "configs", "baseline.py")
+  argv = ["prog", f"--config={path}:tiny", f"--config.data_dir={tiny_faceset}",
+          "--config.baseline.num_steps=0", "--config.num_folds=2"]
+  fv = flags.FlagValues()
+  # sys_argv: the overrides are found in this argv, not in pytest's.
+  holder = config_flags.DEFINE_config_file("config", flag_values=fv, sys_argv=argv)
+  fv(argv)
+  config = holder.value
+  assert config.method == "baseline" and config.image_size == 32
   workdir = str(tmp_path / "wd")
-  env = dict(os.environ, PYTHONPATH=REPO)
-  run = subprocess.run(
-      [sys.executable, "-m", "experiments.run", f"--workdir={workdir}",
-       "--config=experiments/configs/baseline.py:tiny", f"--config.data_dir={tiny_faceset}",
-       "--config.baseline.num_steps=0", "--config.num_folds=2"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert run.returncode == 0, run.stderr[-2000:]
-  assert json.load(open(os.path.join(workdir, "config.json")))["method"] == "baseline"
-  result = subprocess.run(
-      [sys.executable, "-m", "experiments.evaluate", f"--workdir={workdir}",
-       "--mig_seeds=1", "--mig_steps=20", "--tsne_max_points=30", "--probe_max_images=100"],
-      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert "leakage" in result.stdout and "retrieval@6" in result.stdout
-  m = json.load(open(os.path.join(workdir, "eval", "metrics.json")))
-  assert m["eval_settings"]["mig"]["num_seeds"] == 1
-  assert m["eval_settings"]["probe_max_images"] == 100
+  run_lib.run(config, workdir, "all")
+  m = evaluate_lib.evaluate(workdir, evaluate_lib.EvalSettings(mig=SMALL.mig,
+                                                                tsne_max_points=0))
+  assert m["method"] == "baseline" and m["stage"] == "baseline"
   assert np.sum(m["confusion"]) == m["num_examples"]

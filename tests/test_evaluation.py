@@ -125,6 +125,10 @@ def test_mig_is_high_for_expression_codes_and_drops_when_they_carry_identity():
   assert clean["mean"] == pytest.approx(
       clean["terms"]["exp_pair"]["mean"] - clean["terms"]["exp_id"]["mean"], abs=1e-6)
   assert len(clean["per_seed"]) == SETTINGS.num_seeds and clean["std"] is not None
+  # Each term is max(0, held-out bound); the raw bounds are kept beside it.
+  for term in clean["terms"].values():
+    assert all(v == max(b, 0.0) for v, b in zip(term["per_seed"],
+                                                 term["heldout_bound_per_seed"]))
   assert clean["settings"]["num_steps"] == SETTINGS.num_steps
   assert clean["cross_subject_pairs"]
 

@@ -184,3 +184,15 @@ def test_evaluate_without_training_is_one_line(tmp_path):
   result = _subprocess(["experiments.evaluate", f"--workdir={tmp_path}"], timeout=120)
   assert result.returncode == 2
   assert "not a training workdir" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_stability_monitor_flags_collapse_and_divergence():
+  monitor = train.StabilityMonitor("stage2", batch_size=32, patience=3)
+  assert monitor(1, {"disc_accuracy": 0.6, "mi_global": 1.0}) == []
+  for step in (2, 3):
+    assert monitor(step, {"disc_accuracy": 1.0}) == []
+  (warning,) = monitor(4, {"disc_accuracy": 1.0})
+  assert "step 4" in warning and "collapsed" in warning
+  assert monitor(5, {"disc_accuracy": 0.5}) == []
+  (warning,) = monitor(6, {"mi_local": 1e3})
+  assert "mi_local" in warning and "diverging" in warning

@@ -33,6 +33,7 @@ def get_config() -> ml_collections.ConfigDict:
       exp_dim=64,           # z_exp
       id_dim=64,            # z_id
       local_stage=4,        # which ResNet stage's map feeds the local critics
+      normalize_code=False,  # batch-standardise z (BatchNorm without scale or bias)
       critic_hidden=512,
       disc_hidden=512,
       classifier_hidden=(256,),
@@ -58,7 +59,10 @@ def get_config() -> ml_collections.ConfigDict:
       grad_clip_norm=0.0,      # 0 = no clipping
       disc_steps=1,            # discriminator updates per encoder update (stage 2)
   ))
-  config.stage1 = ml_collections.ConfigDict(dict(num_steps=20000))
+  # init_from: "" starts E_exp from random weights (the method as written);
+  # "baseline" first trains the supervised baseline in the same workdir and starts
+  # E_exp from it, like starting from a pretrained backbone.
+  config.stage1 = ml_collections.ConfigDict(dict(num_steps=20000, init_from=""))
   config.stage2 = ml_collections.ConfigDict(dict(num_steps=10000))
   config.stage3 = ml_collections.ConfigDict(dict(num_steps=5000))
   config.baseline = ml_collections.ConfigDict(dict(num_steps=20000))
