@@ -19,7 +19,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from sklearn import linear_model
+from sklearn import manifold
 from sklearn import metrics as sk_metrics
+from sklearn import preprocessing
+import threadpoolctl
 
 from dicefer_jax import contract, mi, models
 
@@ -537,7 +541,6 @@ def identity_probe(codes, subjects, labels, *, test_fraction: float = 0.5, seed:
     return unavailable(
         f"{len(ids)} subject(s) with at least 2 images: a subject probe needs 2 or more",
         accuracy=None, chance=None, chance_uniform=None, num_subjects=len(ids))
-  from sklearn import linear_model, preprocessing  # pylint: disable=g-import-not-at-top
   scaler = preprocessing.StandardScaler().fit(codes[train])
   probe = linear_model.LogisticRegression(C=regularization, max_iter=max_iter)
   probe.fit(scaler.transform(codes[train]), subjects[train])
@@ -610,8 +613,6 @@ def subsample(n: int, max_points: int, seed: int) -> np.ndarray:
 
 def tsne_2d(codes, seed: int = 0, perplexity: float = 30.0) -> np.ndarray:
   """2-D t-SNE of codes (standardised first); perplexity is capped below n/3."""
-  from sklearn import manifold  # pylint: disable=g-import-not-at-top
-  import threadpoolctl  # pylint: disable=g-import-not-at-top
   x = np.asarray(codes, np.float64)
   x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-8)
   perplexity = float(min(perplexity, max(1.0, (len(x) - 1) / 3)))

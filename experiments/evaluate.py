@@ -89,8 +89,8 @@ def _identity_leakage(config, model, state, data, settings: EvalSettings, expres
   idx = evaluation.subsample_by_subject(data.train_subjects, settings.probe_max_images,
                                         settings.seed)
   if len(set(data.train_subjects[i] for i in idx)) < 2:
-    reason = ("subject ids of the training images are unknown: identity leakage "
-              "needs at least 2 known training subjects")
+    reason = ("subject ids of the training images are unknown (fewer than 2 known "
+              "subjects): identity leakage needs them")
     probes = {name: evaluation.unavailable(reason, accuracy=None, chance=None)
               for name in ("z_exp", "z_id", "feature")}
     return dict(representation=expression_repr, accuracy=None, chance=None,

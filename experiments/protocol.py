@@ -172,7 +172,9 @@ def make_variants(config, methods: Sequence[str], sweep: str = "",
   for method in methods:
     swept = values and (method == "dicefer" or not field.startswith(DICEFER_ONLY))
     if swept:
-      variants += [Variant(f"{method}_{field}={token}", method, ((field, value),))
+      # The value as typed names the directory ('/' would nest it).
+      variants += [Variant(f"{method}_{field}={token.replace(os.sep, '_')}", method,
+                           ((field, value),))
                    for token, value in values]
     else:
       variants.append(Variant(method, method))

@@ -196,3 +196,20 @@ def test_stability_monitor_flags_collapse_and_divergence():
   assert monitor(5, {"disc_accuracy": 0.5}) == []
   (warning,) = monitor(6, {"mi_local": 1e3})
   assert "mi_local" in warning and "diverging" in warning
+
+
+def test_warm_start_from_the_supervised_baseline(tiny_config, tmp_path):
+  workdir = str(tmp_path / "wd")
+  tiny_config.stage1.init_from = "baseline"
+  assert train.stages_for(tiny_config, "all") == ["baseline", "stage1", "stage2", "stage3"]
+  with pytest.raises(UserError, match="run --stage=baseline first"):
+    run_lib.run(tiny_config, workdir, "1")
+  run_lib.run(tiny_config, workdir, "baseline")
+  warm = _final_params(workdir, "baseline", tiny_config)
+  short = tiny_config.copy_and_resolve_references()
+  short.stage1.num_steps = 0       # stage 1 with no steps hands on what it started from
+  run_lib.run(short, str(tmp_path / "wd0"), "all")
+  start = _final_params(str(tmp_path / "wd0"), "stage1", short)
+  for a, b in zip(jax.tree.leaves(warm.params["exp_encoder"]),
+                  jax.tree.leaves(start.params["exp_encoder"])):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

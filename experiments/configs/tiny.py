@@ -25,6 +25,7 @@ def get_config():
   config.stage2.num_steps = 4
   config.stage3.num_steps = 4
   config.baseline.num_steps = 6
+  config.stage1.init_from = ""   # tests run the method as written; the warm-up has its own test
   config.log_every = 2
   config.checkpoint_every = 3
   return config
