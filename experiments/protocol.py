@@ -63,8 +63,8 @@ _EVAL_FLAGS = evaluate_lib.define_flags()
 METHODS = ("dicefer", "baseline")
 # Config fields the baseline never reads: sweeping them re-runs DICE-FER only.
 DICEFER_ONLY = ("loss.", "stage1.", "stage2.", "stage3.", "train.disc_", "model.exp_dim",
-                "model.id_dim", "model.critic_hidden", "model.disc_hidden",
-                "model.local_stage", "model.classifier_")
+                "model.id_dim", "model.normalize_code", "model.critic_hidden",
+                "model.disc_hidden", "model.local_stage", "model.classifier_")
 # Fields that change neither training nor results: a finished run is reused
 # even when they differ.
 COSMETIC = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
