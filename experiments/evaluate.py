@@ -250,7 +250,49 @@ def evaluate(workdir: str, settings: EvalSettings | None = None) -> dict:
   result.update(notes=notes, eval_settings=settings.as_dict(),
                 timings_s={k: round(v, 2) for k, v in timings.items()})
   _write_json(os.path.join(eval_dir, "metrics.json"), result)
+  write_report(os.path.join(eval_dir, "report.md"), result)
   return result
+
+
+def write_report(path: str, result: dict) -> str:
+  """A markdown page a person reads: the headline table, recalls and the plots."""
+  fmt = lambda x: "n/a" if x is None else f"{x:.3f}"
+  mig, leak, ret = result["mig"], result["identity_leakage"], result["retrieval"]
+  probes = leak.get("probes") or {}
+  lines = [
+      f"# {result['method']}: evaluation on {result['num_examples']} test images",
+      "",
+      f"Split: {result['split']['kind']} ({result['split'].get('note', '')}). "
+      f"Checkpoint: {result['stage']} step {result['step']}. Data: `{result['data_dir']}`.",
+      "",
+      "| metric | value | reference |",
+      "|---|---|---|",
+      f"| accuracy | {fmt(result['accuracy'])} | chance {fmt(1 / len(result['class_names']))} |",
+      f"| macro-F1 | {fmt(result['macro_f1'])} | |",
+      f"| modified MIG (nats) | {fmt(mig['mean'])}"
+      f"{'' if mig['std'] is None else ' ± ' + fmt(mig['std'])} | "
+      f"{mig.get('reason') or 'higher = expression shared across people, not identity'} |",
+      f"| identity leakage ({leak.get('representation')}) | {fmt(leak['accuracy'])} | "
+      f"chance {fmt(leak['chance'])} |",
+  ]
+  for name, probe in probes.items():
+    if probe and name != leak.get("representation"):
+      lines.append(f"| identity probe on {name} | {fmt(probe.get('accuracy'))} | "
+                   f"chance {fmt(probe.get('chance'))} |")
+  lines += [
+      f"| retrieval@{ret['k']} across subjects | {fmt(ret['precision_at_k'])} | "
+      f"chance {fmt(ret['chance'])} |",
+      "", "## Recall per class", "", "| class | recall |", "|---|---|"]
+  lines += [f"| {k} | {fmt(v)} |" for k, v in result["per_class_recall"].items()]
+  lines += ["", "## Plots", ""]
+  for name, plot in (result.get("plots") or {}).items():
+    if plot and plot.get("file"):
+      lines += [f"### {name}", "", f"![{name}]({plot['file']})", ""]
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    f.write("\n".join(lines) + "\n")
+  os.replace(tmp, path)
+  return path
 
 
 # ----------------------------------------------------------------------------

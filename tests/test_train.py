@@ -56,6 +56,9 @@ def test_all_stages_then_evaluate_in_a_fresh_process(tiny_config, tmp_path):
   assert set(metrics["per_class_recall"]) == set(contract.EXPRESSIONS)
   assert np.sum(metrics["confusion"]) == summary["num_test"]
   assert os.path.getsize(os.path.join(workdir, "eval", "confusion.png")) > 1000
+  report = open(os.path.join(workdir, "eval", "report.md")).read()
+  assert f"| accuracy | {metrics['accuracy']:.3f} |" in report
+  assert "![confusion](confusion.png)" in report
   # The test split held out whole subjects.
   assert not set(metrics["split"]["train_subjects"]) & set(metrics["split"]["test_subjects"])
 
