@@ -201,13 +201,12 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
     def disc_loss_fn(disc_params):
       joint, shuffled = disc_logits(disc_params, z_exp, z_id, perm_all)
       loss = _bce_with_logits(joint, 1.0) + _bce_with_logits(shuffled, 0.0)
-      accuracy = 0.5 * (jnp.mean(joint > 0) + jnp.mean(shuffled < 0))
-      return loss, accuracy
+      return loss, (jnp.mean(joint > 0), jnp.mean(shuffled < 0))
 
     disc_params = _subset(state.params, TRAINABLE["stage2"]["disc"])
     disc_opt = state.opt_state["disc"]
     for _ in range(disc_steps):
-      (disc_loss, disc_acc), disc_grads = jax.value_and_grad(
+      (disc_loss, (acc_joint, acc_shuffled)), disc_grads = jax.value_and_grad(
           disc_loss_fn, has_aux=True)(disc_params)
       disc_params, disc_opt = _apply_updates(tx_disc, disc_opt, disc_params, disc_grads)
 
@@ -215,7 +214,9 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
         step=state.step + 1, params={**state.params, **trainable, **disc_params},
         batch_stats={**state.batch_stats, "id_encoder": new_stats},
         opt_state={"main": main_opt, "disc": disc_opt})
-    metrics = dict(metrics, loss=loss, disc_loss=disc_loss, disc_accuracy=disc_acc,
+    metrics = dict(metrics, loss=loss, disc_loss=disc_loss,
+                   disc_accuracy=0.5 * (acc_joint + acc_shuffled),
+                   disc_accuracy_joint=acc_joint, disc_accuracy_shuffled=acc_shuffled,
                    grad_norm=optax.tree.norm(grads),
                    disc_grad_norm=optax.tree.norm(disc_grads),
                    finite=_finite(loss, disc_loss))

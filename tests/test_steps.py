@@ -125,6 +125,10 @@ def test_fifty_steps_finite_and_no_recompilation(setup, stage):
     for name, value in metrics.items():
       assert np.all(np.isfinite(value)), (stage, name, value)
   assert step._cache_size() == 1  # pylint: disable=protected-access
+  if stage == "stage2":
+    for metrics in history:
+      assert np.isclose(metrics["disc_accuracy"], 0.5 * (
+          metrics["disc_accuracy_joint"] + metrics["disc_accuracy_shuffled"]))
 
 
 def test_step_rejects_mismatched_pair_shapes(setup):
