@@ -65,6 +65,16 @@ def labels_and_subjects(records: Sequence[Record]) -> tuple[np.ndarray, list[str
           [r.subject for r in records])
 
 
+def resize_square(image: np.ndarray, size: int) -> np.ndarray:
+  """A 2-D uint8 image at size x size: area interpolation when shrinking (it
+  averages instead of aliasing), bilinear when enlarging (where area degenerates)."""
+  if image.shape == (size, size):
+    return image
+  shrink = image.shape[0] >= size and image.shape[1] >= size
+  return cv2.resize(image, (size, size),
+                    interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+
+
 def load_images(data_dir: str, records: Sequence[Record],
                 image_size: int = IMAGE_SIZE) -> np.ndarray:
   """Decodes every record's image once, as grayscale.
@@ -96,11 +106,7 @@ def load_images(data_dir: str, records: Sequence[Record],
     if image is None or image.size == 0:
       raise DataError(f"cannot decode image {path}: the file is corrupt or not an "
                       "image; re-create it or remove it from the manifest")
-    if image.shape != (size, size):
-      shrink = image.shape[0] >= size and image.shape[1] >= size
-      image = cv2.resize(image, (size, size),
-                         interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-    out[i, :, :, 0] = image
+    out[i, :, :, 0] = resize_square(image, size)
 
   # cv2 releases the GIL while decoding, so a few threads overlap file IO.
   workers = max(1, min(8, os.cpu_count() or 1))

@@ -44,7 +44,7 @@ def _stage_flag(stage: str) -> str:
 # or what a checkpoint means); any other difference is refused.
 MUTABLE_FIELDS = ("stage1.num_steps", "stage2.num_steps", "stage3.num_steps",
                   "baseline.num_steps", "log_every", "checkpoint_every",
-                  "keep_checkpoints", "eval_batch_size", "synthetic.cache_dir")
+                  "keep_checkpoints", "eval_batch_size", "synthetic.cache_dir", "tfds_dir")
 CONFIG_NAME = "config.json"
 
 

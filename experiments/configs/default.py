@@ -20,6 +20,11 @@ def get_config() -> ml_collections.ConfigDict:
       num_subjects=60, images_per_cell=10, seed=0,
       # Where the synthetic set is written once and reused; "" = ~/.cache/dicefer_jax.
       cache_dir=""))
+  # "files": decode the PNGs of the manifest directly (fastest); "tfds": read the
+  # same split through the `dicefer_faces` TFDS builder (prepared once into
+  # tfds_dir, "" = <cache>/tfds).
+  config.data_source = "files"
+  config.tfds_dir = ""
   config.image_size = 112
   # Subject-held-out k-fold (stratified when subjects are unknown; a manifest with
   # an official split column uses that instead).
