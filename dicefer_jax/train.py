@@ -212,7 +212,6 @@ class StabilityMonitor:
     self.stage, self.patience = stage, patience
     self.mi_limit = 5.0 * float(np.log(max(batch_size, 2)))
     self.pinned = 0
-    self.warnings = []
 
   def __call__(self, step: int, scalars: dict) -> list[str]:
     found = []
@@ -228,7 +227,6 @@ class StabilityMonitor:
         found.append(f"{self.stage} step {step}: {k} = {scalars[k]:.3g} nats exceeds "
                      f"{self.mi_limit:.3g}: the DV estimate is diverging; try "
                      "--config.train.grad_clip_norm=1.0 or a lower learning rate")
-    self.warnings.extend(found)
     return found
 
 
