@@ -71,6 +71,14 @@ def _apply_updates(tx, opt_state, params_subset, grads):
   return optax.apply_updates(params_subset, updates), opt_state
 
 
+def _next_state(state: StageState, trainable: dict, opt_state: dict,
+                batch_stats: dict | None = None) -> StageState:
+  """The state after one step: updated trainable modules, optax and BN statistics."""
+  return state.replace(
+      step=state.step + 1, params={**state.params, **trainable},
+      batch_stats={**state.batch_stats, **(batch_stats or {})}, opt_state=opt_state)
+
+
 def _encode(encoder, params, batch_stats, name, images, train: bool):
   """Runs an encoder; returns (output, new batch_stats for `name`)."""
   variables = {"params": params[name], "batch_stats": batch_stats[name]}
@@ -132,10 +140,8 @@ def make_stage1_step(model: DiceferModel, loss_config, optimizers) -> Callable:
     (loss, (new_stats, metrics)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(trainable)
     trainable, opt_state = _apply_updates(tx, state.opt_state["main"], trainable, grads)
-    new_state = state.replace(
-        step=state.step + 1, params={**state.params, **trainable},
-        batch_stats={**state.batch_stats, "exp_encoder": new_stats},
-        opt_state={"main": opt_state})
+    new_state = _next_state(state, trainable, {"main": opt_state},
+                            {"exp_encoder": new_stats})
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
                    finite=_finite(loss, metrics["mi_global"], metrics["mi_local"]))
     return new_state, metrics
@@ -210,10 +216,8 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
           disc_loss_fn, has_aux=True)(disc_params)
       disc_params, disc_opt = _apply_updates(tx_disc, disc_opt, disc_params, disc_grads)
 
-    new_state = state.replace(
-        step=state.step + 1, params={**state.params, **trainable, **disc_params},
-        batch_stats={**state.batch_stats, "id_encoder": new_stats},
-        opt_state={"main": main_opt, "disc": disc_opt})
+    new_state = _next_state(state, {**trainable, **disc_params},
+                            {"main": main_opt, "disc": disc_opt}, {"id_encoder": new_stats})
     metrics = dict(metrics, loss=loss, disc_loss=disc_loss,
                    disc_accuracy=0.5 * (acc_joint + acc_shuffled),
                    disc_accuracy_joint=acc_joint, disc_accuracy_shuffled=acc_shuffled,
@@ -250,8 +254,7 @@ def make_stage3_step(model: DiceferModel, optimizers) -> Callable:
 
     (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(trainable)
     trainable, opt_state = _apply_updates(tx, state.opt_state["main"], trainable, grads)
-    new_state = state.replace(step=state.step + 1, params={**state.params, **trainable},
-                              opt_state={"main": opt_state})
+    new_state = _next_state(state, trainable, {"main": opt_state})
     return new_state, dict(loss=loss, train_accuracy=accuracy,
                            grad_norm=optax.tree.norm(grads), finite=_finite(loss))
 
@@ -278,10 +281,8 @@ def make_baseline_step(model: DiceferModel, optimizers) -> Callable:
     (loss, (new_stats, accuracy)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(trainable)
     trainable, opt_state = _apply_updates(tx, state.opt_state["main"], trainable, grads)
-    new_state = state.replace(
-        step=state.step + 1, params={**state.params, **trainable},
-        batch_stats={**state.batch_stats, "exp_encoder": new_stats},
-        opt_state={"main": opt_state})
+    new_state = _next_state(state, trainable, {"main": opt_state},
+                            {"exp_encoder": new_stats})
     return new_state, dict(loss=loss, train_accuracy=accuracy,
                            grad_norm=optax.tree.norm(grads), finite=_finite(loss))
 
