@@ -1,7 +1,7 @@
 r"""MTCNN preprocessing throughput on 250x250 frames (the capture tool's crops).
 
 Makes jittered 250x250 crops of scikit-image's astronaut portrait and pushes
-them through data_tools.preprocess in two ways:
+them through data_tools.preprocess's worker pool in two ways:
 
   steady   worker processes as run_preprocess spawns them, each with its MTCNN
            built and warmed up before the clock starts; images/s over all
@@ -33,12 +33,16 @@ import numpy as np
 # Run as a script (`python benchmarks/mtcnn_bench.py`): make the repository
 # importable without installing it.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from data_tools import face_quality  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_tools import preprocess  # pylint: disable=g-import-not-at-top,wrong-import-position
+from data_tools import preprocess_pool  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dicefer_jax import contract  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dicefer_jax import face_detector  # pylint: disable=g-import-not-at-top,wrong-import-position
+from dicefer_jax import fileio  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _NUM_IMAGES = flags.DEFINE_integer("num_images", 60, "Frames per measurement.")
 _WORKERS = flags.DEFINE_list("workers", ["1", "2"], "Worker process counts to measure.")
-_DEVICE = flags.DEFINE_enum("device", "cpu", preprocess.DEVICES, "Where MTCNN runs.")
+_DEVICE = flags.DEFINE_enum("device", "cpu", face_detector.DEVICES, "Where MTCNN runs.")
 _TORCH_THREADS = flags.DEFINE_enum(
     "single_worker_threads", "one", ["both", "default", "one"],
     "torch intra-op threads for the 1-worker steady case: 'one' as "
@@ -73,20 +77,20 @@ _barrier = None
 def _bench_init(settings, torch_threads, barrier):
   global _barrier
   _barrier = barrier
-  preprocess._init_worker(settings, torch_threads)  # pylint: disable=protected-access
+  preprocess_pool.init_worker(settings, torch_threads)
 
 
 def _bench_shard(args):
   paths, out_dir = args
   # Warm-up: torch import, MTCNN build, first inference.
-  preprocess._process_one(paths[0], out_dir, "warmup/w.png")  # pylint: disable=protected-access
+  preprocess_pool.process_one(paths[0], out_dir, "warmup/w.png")
   _barrier.wait()
   start = time.perf_counter()
   kept = 0
   for i, path in enumerate(paths):
     out_rel = f"happiness/{os.getpid()}-{i}.png"
-    result = preprocess._process_one(path, out_dir, out_rel)  # pylint: disable=protected-access
-    kept += result["status"] == preprocess.KEPT
+    result = preprocess_pool.process_one(path, out_dir, out_rel)
+    kept += result["status"] == face_quality.KEPT
   end = time.perf_counter()
   # perf_counter is system-wide monotonic on Linux, so starts and ends of
   # different processes compare.
@@ -94,7 +98,7 @@ def _bench_shard(args):
 
 
 def steady_throughput(paths, workers, device, torch_threads, out_dir):
-  settings = preprocess.Settings(device=device)
+  settings = face_quality.Settings(device=device)
   ctx = multiprocessing.get_context("spawn")
   barrier = ctx.Barrier(workers)
   shards = [(paths[i::workers], out_dir) for i in range(workers)]
@@ -110,7 +114,7 @@ def steady_throughput(paths, workers, device, torch_threads, out_dir):
 
 def main(argv):
   del argv
-  if preprocess.importlib.util.find_spec("facenet_pytorch") is None:
+  if not face_detector.mtcnn_installed():
     print("error: facenet-pytorch is not installed: pip install 'dicefer-jax[data]'",
           file=sys.stderr)
     return 2
@@ -119,7 +123,7 @@ def main(argv):
     os.makedirs(frames)
     paths = make_frames(frames, _NUM_IMAGES.value)
     print(f"{len(paths)} frames 250x250, device={_DEVICE.value}, "
-          f"{preprocess.default_workers()} cores available")
+          f"{fileio.default_workers()} cores available")
     for workers in (int(w) for w in _WORKERS.value):
       thread_options = [1] if workers > 1 else {
           "both": [None, 1], "default": [None], "one": [1]}[_TORCH_THREADS.value]

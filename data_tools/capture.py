@@ -30,6 +30,7 @@ Usage:
 import collections
 import csv
 import datetime
+import errno
 import os
 import sys
 import uuid
@@ -41,6 +42,7 @@ import cv2
 import numpy as np
 
 from data_tools.labels import canonical_expression
+from dicefer_jax import fileio
 from dicefer_jax.errors import UserError
 
 # Key -> folder name, exactly as in the source report's capture script.
@@ -209,7 +211,9 @@ class _CaptureWriter:
     counts = collections.Counter()
     for folder in KEY_MAP.values():
       names = os.listdir(os.path.join(self.output_dir, folder))
-      counts[folder] = sum(n.lower().endswith(".jpg") for n in names)
+      # Not the hidden temp files an interrupted save leaves (".tmp-...jpg").
+      counts[folder] = sum(n.lower().endswith(".jpg") and not n.startswith(".")
+                           for n in names)
     return counts
 
   def _flush(self) -> None:
@@ -225,18 +229,14 @@ class _CaptureWriter:
           f"{self.saved} image(s) saved before stay in {self.output_dir}")
     rel = os.path.join(folder, f"{uuid.uuid4()}.jpg")
     path = os.path.join(self.output_dir, rel)
-    # A temp file + rename, so an interrupted write never leaves a truncated
-    # JPEG under a real name (the temp name starts with a dot and is ignored
-    # by the preprocessing tool).
-    tmp = os.path.join(self.output_dir, folder, f".{uuid.uuid4().hex}.tmp")
     try:
       if os.path.exists(path):  # A uuid4 collision; never overwrite.
-        raise FileExistsError(17, "file exists", path)
-      with open(tmp, "xb") as f:
-        f.write(encoded.tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-      os.replace(tmp, path)
+        raise FileExistsError(errno.EEXIST, "file exists", path)
+      # Atomic, so an interrupted write never leaves a truncated JPEG under a
+      # real name (the temp name starts with a dot: the preprocessing tool
+      # and existing_counts skip it), and fsynced: a lost capture cannot be
+      # taken again.
+      fileio.write_bytes_atomic(path, encoded.tobytes(), fsync=True)
       self._writer.writerow({
           "path": rel.replace(os.sep, "/"),
           "expression": canonical_expression(folder),
@@ -246,8 +246,6 @@ class _CaptureWriter:
       })
       self._flush()
     except OSError as e:
-      if os.path.exists(tmp):
-        os.remove(tmp)
       raise UserError(
           f"cannot save {path}: {e.strerror or e}; {self.saved} image(s) saved "
           f"before stay in {self.output_dir}") from None

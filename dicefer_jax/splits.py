@@ -5,17 +5,29 @@ then score well by recognising faces instead of expressions, which is exactly th
 confounder DICE-FER is meant to remove. So `split_records` picks, in order:
 
 1. `official`: every record carries the dataset's own `split` column (train/test).
-   Published numbers use it, so folds are ignored.
+   Published numbers use it, so folds are ignored. Subjects on both sides are
+   named in a `SplitWarning` and kept in `SplitInfo.shared_subjects`: the split
+   stays the dataset's, but its scores are then not subject-independent.
 2. `subject`: every record has a subject id. A seeded k-fold over SUBJECTS; the
    test fold holds out whole people.
-3. `stratified`: some subject ids are missing. A seeded k-fold over images,
-   stratified by expression so that every fold sees every class in proportion.
+3. `grouped`: some records have a subject id, some do not. A seeded k-fold over
+   groups: each known subject is one group (held out whole) and each image without
+   a subject is a group of its own; stratified by expression as far as the groups
+   allow. The images without a subject may show people seen on the other side,
+   which no one can check, so a `SplitWarning` gives their count.
+4. `stratified`: no record has a subject id. Every image is its own group, so this
+   is a seeded k-fold over images stratified by expression; same warning.
 
-Pure Python and numpy: no TensorFlow, so data tools and tests can use it cheaply.
+Every k-fold depends only on the set of records and the seed, never on the order of
+the manifest's rows, and no fold is empty.
+
+Pure Python and numpy (scikit-learn only for `grouped` folds, imported when used):
+no TensorFlow, so data tools and tests can use it cheaply.
 """
 
+from collections.abc import Hashable, Sequence
 import dataclasses
-from typing import Sequence
+import warnings
 
 import numpy as np
 
@@ -24,13 +36,27 @@ from dicefer_jax.errors import DataError
 
 OFFICIAL_SPLITS = ("train", "test")
 
+# The kinds of split, as they appear in SplitInfo.kind and in reports.
+OFFICIAL = "official"
+SUBJECT = "subject"
+GROUPED = "grouped"
+STRATIFIED = "stratified"
+SPLIT_KINDS = (OFFICIAL, SUBJECT, GROUPED, STRATIFIED)
+
+# How many shared subjects a warning names before it only counts the rest.
+_NAMED_SUBJECTS = 5
+
+
+class SplitWarning(UserWarning):
+  """A valid split whose test part may share people with its training part."""
+
 
 @dataclasses.dataclass(frozen=True)
 class SplitInfo:
   """How a split was made; small enough to log or write into a JSON report.
 
   Attributes:
-    kind: 'subject', 'stratified' or 'official'.
+    kind: one of SPLIT_KINDS: 'official', 'subject', 'grouped' or 'stratified'.
     fold: the held-out fold (None for the official split).
     num_folds: the number of folds (None for the official split).
     seed: the seed of the fold assignment (None for the official split).
@@ -38,7 +64,9 @@ class SplitInfo:
     num_test: images in the test part.
     train_subjects: sorted subject ids of the training part (known ones only).
     test_subjects: sorted subject ids of the test part (known ones only).
-    note: one line on why this kind was chosen.
+    note: one line on why this kind was chosen and what it may leak.
+    shared_subjects: sorted subject ids in both parts. Always empty for the k-fold
+      kinds; for an official split, the dataset's own overlap.
   """
 
   kind: str
@@ -50,21 +78,28 @@ class SplitInfo:
   train_subjects: tuple[str, ...]
   test_subjects: tuple[str, ...]
   note: str
+  shared_subjects: tuple[str, ...] = ()
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)
-    d["train_subjects"] = list(self.train_subjects)
-    d["test_subjects"] = list(self.test_subjects)
+    for field in ("train_subjects", "test_subjects", "shared_subjects"):
+      d[field] = list(getattr(self, field))
     return d
 
 
 def split_kind(records: Sequence[Record]) -> str:
-  """The kind of split `split_records` makes for these records."""
+  """The kind of split `split_records` makes for these records (see SPLIT_KINDS)."""
   if records and all(r.split in OFFICIAL_SPLITS for r in records):
-    return "official"
-  if records and all(r.subject for r in records):
-    return "subject"
-  return "stratified"
+    return OFFICIAL
+  return _fold_kind(records)
+
+
+def _fold_kind(records: Sequence[Record]) -> str:
+  """The kind of k-fold for these records, whatever their split column says."""
+  num_known = sum(1 for r in records if r.subject)
+  if records and num_known == len(records):
+    return SUBJECT
+  return GROUPED if num_known else STRATIFIED
 
 
 def _check_fold_args(num_folds: int, fold: int) -> None:
@@ -96,51 +131,196 @@ def subject_folds(subjects: Sequence[str], num_folds: int,
   return folds
 
 
-def stratified_folds(labels: Sequence[int], num_folds: int, seed: int) -> np.ndarray:
+def stratified_folds(labels: Sequence[int], num_folds: int, seed: int,
+                     keys: Sequence | None = None) -> np.ndarray:
   """Seeded fold index per image, stratified by label.
 
   Within each class the images are shuffled and dealt round-robin over the folds.
   The dealing starts where the previous class stopped, so classes whose size is
-  not a multiple of num_folds do not all pile their remainder onto fold 0.
+  not a multiple of num_folds do not all pile their remainder onto fold 0, and fold
+  sizes differ by at most one.
+
+  Args:
+    labels: the class of each image.
+    num_folds: the number of folds.
+    seed: seed of the shuffle.
+    keys: optional sortable key per image (e.g. its manifest row). The images are
+      visited in key order, so the folds depend only on the set of keys and the
+      seed; without keys they depend on the order of `labels` too. Input already
+      in key order gives the same folds either way.
+
+  Raises:
+    DataError: fewer images than folds.
   """
   labels = np.asarray(labels)
   if len(labels) < num_folds:
     raise DataError(
         f"{len(labels)} image(s) cannot fill {num_folds} folds: lower num_folds "
         "or add images")
+  order = np.arange(len(labels))
+  if keys is not None:
+    order = np.array(sorted(order, key=lambda i: keys[i]), dtype=np.int64)
   rng = np.random.default_rng(seed)
   folds = np.empty(len(labels), dtype=np.int64)
   start = 0
   for label in np.unique(labels):
-    members = rng.permutation(np.flatnonzero(labels == label))
+    members = rng.permutation(order[labels[order] == label])
     folds[members] = (start + np.arange(len(members))) % num_folds
     start = (start + len(members)) % num_folds
   return folds
 
 
+def grouped_folds(labels: Sequence[int], groups: Sequence[Hashable], num_folds: int,
+                  seed: int) -> np.ndarray:
+  """Seeded fold index per image; each group in one fold, stratified by label.
+
+  Uses scikit-learn's StratifiedGroupKFold, which places the groups greedily (most
+  lopsided class mix first) where they keep every fold's class mix closest to the
+  whole set's. Class balance is thus as good as the groups allow; fold sizes may
+  differ by more than one group. Time grows with groups x folds: about 15 s for
+  30,000 single-image groups over 10 folds.
+
+  Args:
+    labels: the class of each image.
+    groups: sortable group key of each image; images with equal keys always share
+      a fold.
+    num_folds: the number of folds.
+    seed: seed of the shuffle that orders groups with the same class mix.
+
+  Returns:
+    Fold index (0..num_folds-1) per image. It depends only on the (group, label)
+    pairs and the seed, not on their order, and no fold is empty.
+
+  Raises:
+    DataError: fewer groups than folds.
+  """
+  labels = np.asarray(labels)
+  unique = sorted(set(groups))
+  if len(unique) < num_folds:
+    raise DataError(
+        f"{len(unique)} group(s) cannot fill {num_folds} folds: lower num_folds to "
+        f"at most {max(len(unique), 1)} or add groups")
+  # The splitter visits equally lopsided groups in the order of their ids.
+  # Numbering the sorted groups by a seeded permutation is the shuffle: it
+  # keeps the folds independent of input order and avoids shuffle=True, which
+  # paired groups with the wrong class counts in older scikit-learn (fixed by its
+  # PR #32540).
+  number = dict(zip(unique, np.random.default_rng(seed).permutation(len(unique))))
+  group_ids = np.array([number[g] for g in groups], dtype=np.int64)
+  # The splitter refuses when every class has fewer images than folds. Such a set
+  # cannot be stratified anyway, so it is then balanced by size alone (one class).
+  _, class_sizes = np.unique(labels, return_counts=True)
+  targets = labels if class_sizes.max() >= num_folds else np.zeros_like(labels)
+  # Imported here: scikit-learn takes about a second to import, and only this
+  # kind of split needs it.
+  from sklearn import model_selection  # pylint: disable=g-import-not-at-top
+  splitter = model_selection.StratifiedGroupKFold(n_splits=num_folds, shuffle=False)
+  folds = np.full(len(labels), -1, dtype=np.int64)
+  with warnings.catch_warnings():
+    # It warns when some class has fewer images than folds: that class simply
+    # cannot be in every test fold, which is no news for small face sets.
+    warnings.filterwarnings("ignore", message="The least populated class",
+                            category=UserWarning)
+    for k, (_, test) in enumerate(
+        splitter.split(np.zeros((len(labels), 1)), targets, group_ids)):
+      folds[test] = k
+  return _fill_empty_folds(folds, group_ids, num_folds)
+
+
+def _fill_empty_folds(folds: np.ndarray, groups: np.ndarray,
+                      num_folds: int) -> np.ndarray:
+  """A copy of `folds` in which no fold is empty, moving whole groups if needed.
+
+  StratifiedGroupKFold puts a group into an empty fold whenever one is left (its
+  score cannot get worse there), up to float ties between scores. This turns
+  "no empty fold" into a guarantee: while a fold is empty, the smallest group
+  (fewest images, then lowest id) of the fold holding the most groups moves there.
+  Needs at least num_folds groups.
+  """
+  folds = np.array(folds, dtype=np.int64)
+  groups = np.asarray(groups)
+  while True:
+    empty = np.flatnonzero(np.bincount(folds, minlength=num_folds) == 0)
+    if not len(empty):
+      return folds
+    fold_of_group = dict(zip(groups.tolist(), folds.tolist()))
+    groups_per_fold = np.bincount(list(fold_of_group.values()), minlength=num_folds)
+    donor = int(np.argmax(groups_per_fold))
+    if groups_per_fold[donor] < 2:
+      raise DataError(f"{len(fold_of_group)} group(s) cannot fill {num_folds} folds: "
+                      "lower num_folds")
+    smallest = min((int(np.sum(groups == g)), g)
+                   for g, k in fold_of_group.items() if k == donor)[1]
+    folds[groups == smallest] = empty[0]
+
+
+def _group_key(record: Record) -> tuple[str, str]:
+  """The record's group: its subject, or else its own image.
+
+  Images are keyed by path, so that copies of one image listed twice stay together.
+  """
+  return ("subject", record.subject) if record.subject else ("image", record.path)
+
+
+def _row_key(record: Record) -> tuple[str, ...]:
+  return (record.path, record.expression, record.subject, record.source, record.split)
+
+
 def fold_assignments(records: Sequence[Record], *, num_folds: int = 5,
                      seed: int = 0) -> np.ndarray:
-  """Fold index (0..num_folds-1) of every record, by subject or stratified.
+  """Fold index (0..num_folds-1) of every record, by subject, grouped or stratified.
 
   Ignores any official split column: this is the k-fold view used when there is
   no official split (and by tests that check the folds partition the data).
+
+  Raises:
+    DataError: empty records, bad num_folds, or fewer subjects, groups or images
+      than folds.
   """
   _check_fold_args(num_folds, 0)
+  records = list(records)
   if not records:
     raise DataError("cannot split an empty face set: the manifest lists no images")
-  if all(r.subject for r in records):
+  kind = _fold_kind(records)
+  if kind == SUBJECT:
     folds = subject_folds([r.subject for r in records], num_folds, seed)
     return np.array([folds[r.subject] for r in records], dtype=np.int64)
-  return stratified_folds([r.label for r in records], num_folds, seed)
+  labels = [r.label for r in records]
+  if kind == STRATIFIED:
+    return stratified_folds(labels, num_folds, seed, keys=[_row_key(r) for r in records])
+  groups = [_group_key(r) for r in records]
+  num_subjects = len(_known_subjects(records))
+  num_groups = len(set(groups))
+  if num_groups < num_folds:
+    raise DataError(
+        f"{num_groups} group(s) ({num_subjects} subject(s) + "
+        f"{num_groups - num_subjects} image(s) without a subject) cannot fill "
+        f"{num_folds} folds: lower num_folds to at most {num_groups} or add subjects")
+  return grouped_folds(labels, groups, num_folds, seed)
 
 
 def _known_subjects(records: Sequence[Record]) -> tuple[str, ...]:
   return tuple(sorted({r.subject for r in records if r.subject}))
 
 
+def _shared_subjects(train: Sequence[Record], test: Sequence[Record]) -> tuple[str, ...]:
+  return tuple(sorted(set(_known_subjects(train)) & set(_known_subjects(test))))
+
+
+def _some_names(names: Sequence[str]) -> str:
+  """'a, b, c' or, for many names, 'a, b, c, d, e and 7 more'."""
+  shown = ", ".join(names[:_NAMED_SUBJECTS])
+  rest = len(names) - _NAMED_SUBJECTS
+  return f"{shown} and {rest} more" if rest > 0 else shown
+
+
 def split_records(records: Sequence[Record], *, num_folds: int = 5, fold: int = 0,
                   seed: int = 0) -> tuple[list[Record], list[Record], SplitInfo]:
   """Splits records into (train, test, info); see the module docstring for the kinds.
+
+  Warns (SplitWarning, also said in info.note) when the split may let people into
+  both parts: images without a subject id, or an official split that shares
+  subjects (named in info.shared_subjects).
 
   Args:
     records: the records of one face set (e.g. from `contract.read_manifest`).
@@ -152,15 +332,15 @@ def split_records(records: Sequence[Record], *, num_folds: int = 5, fold: int = 
     (train, test, info): train and test keep the input order of the records.
 
   Raises:
-    DataError: empty records, fold out of range, fewer subjects (or images) than
-      folds, or an official split with an empty train or test part.
+    DataError: empty records, fold out of range, fewer subjects (or groups, or
+      images) than folds, or an official split with an empty train or test part.
   """
   _check_fold_args(num_folds, fold)
   records = list(records)
   if not records:
     raise DataError("cannot split an empty face set: the manifest lists no images")
   kind = split_kind(records)
-  if kind == "official":
+  if kind == OFFICIAL:
     train = [r for r in records if r.split == "train"]
     test = [r for r in records if r.split == "test"]
     if not train or not test:
@@ -168,25 +348,40 @@ def split_records(records: Sequence[Record], *, num_folds: int = 5, fold: int = 
       raise DataError(
           f"the manifest's official split has no {empty!r} images: fix the split "
           "column or clear it to use subject-held-out folds")
+    shared = _shared_subjects(train, test)
+    note = "every record has an official train/test split; folds are ignored"
+    if shared:
+      leak = (f"the official split has {len(shared)} subject(s) in both train and "
+              f"test ({_some_names(shared)}): its test scores are not "
+              "subject-independent")
+      warnings.warn(leak, SplitWarning, stacklevel=2)
+      note = f"{note}; {leak}"
     return train, test, SplitInfo(
-        kind="official", fold=None, num_folds=None, seed=None,
+        kind=OFFICIAL, fold=None, num_folds=None, seed=None,
         num_train=len(train), num_test=len(test),
         train_subjects=_known_subjects(train), test_subjects=_known_subjects(test),
-        note="every record has an official train/test split; folds are ignored")
+        note=note, shared_subjects=shared)
 
   folds = fold_assignments(records, num_folds=num_folds, seed=seed)
   train = [r for r, k in zip(records, folds) if k != fold]
   test = [r for r, k in zip(records, folds) if k == fold]
-  if kind == "subject":
+  num_subjects = len(_known_subjects(records))
+  if kind == SUBJECT:
     note = (f"whole subjects held out: {len(_known_subjects(test))} of "
-            f"{len(_known_subjects(records))} subjects in the test fold")
+            f"{num_subjects} subjects in the test fold")
   else:
     missing = sum(1 for r in records if not r.subject)
-    note = (f"{missing} of {len(records)} records lack a subject id, so the folds "
-            "are over images stratified by expression; test subjects may also "
-            "appear in training")
+    if kind == GROUPED:
+      note = (f"{missing} of {len(records)} images lack a subject id: each is its "
+              f"own group, so the {num_subjects} known subjects stay whole, but "
+              "the people in those images may also appear on the other side")
+    else:
+      note = (f"{missing} of {len(records)} images lack a subject id: the folds are "
+              "over images stratified by expression, so test people may also "
+              "appear in training")
+    warnings.warn(note, SplitWarning, stacklevel=2)
   return train, test, SplitInfo(
       kind=kind, fold=int(fold), num_folds=int(num_folds), seed=int(seed),
       num_train=len(train), num_test=len(test),
       train_subjects=_known_subjects(train), test_subjects=_known_subjects(test),
-      note=note)
+      note=note, shared_subjects=_shared_subjects(train, test))

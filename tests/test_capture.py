@@ -4,12 +4,14 @@ import csv
 import os
 import subprocess
 import sys
+import uuid
 
 import cv2
 import numpy as np
 import pytest
 
 from data_tools import capture
+from dicefer_jax import fileio
 from dicefer_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -126,6 +128,72 @@ def test_write_failure_keeps_earlier_frames(video, tmp_path, monkeypatch):
     capture.run_capture(video, out, {2: "h", 4: "h"})
   assert len(_rows(out)) == 1
   assert len(os.listdir(os.path.join(out, "Happy"))) == 1
+
+
+def _crop():
+  return np.full((250, 250, 3), 128, np.uint8)
+
+
+def test_saves_are_fsynced_atomic_writes(tmp_path, monkeypatch):
+  """Catches a save that skips the disk flush (a capture lost in a power cut
+  cannot be taken again) or writes in place (a crash leaves half a JPEG)."""
+  calls = []
+  real_write = fileio.write_bytes_atomic
+
+  def spy(path, data, **kwargs):
+    calls.append((path, kwargs))
+    real_write(path, data, **kwargs)
+
+  monkeypatch.setattr(capture.fileio, "write_bytes_atomic", spy)
+  writer = capture._CaptureWriter(str(tmp_path), "s1")  # pylint: disable=protected-access
+  rel = writer.save(_crop(), "Happy")
+  writer.close()
+  assert calls == [(os.path.join(str(tmp_path), rel), {"fsync": True})]
+  assert cv2.imread(os.path.join(str(tmp_path), rel)).shape == (250, 250, 3)
+
+
+def test_a_name_collision_never_overwrites(tmp_path, monkeypatch):
+  """Catches the never-overwrite check lost: a repeated name would replace
+  an earlier capture."""
+  fixed = uuid.UUID(int=7)
+  monkeypatch.setattr(capture.uuid, "uuid4", lambda: fixed)
+  writer = capture._CaptureWriter(str(tmp_path), "s1")  # pylint: disable=protected-access
+  rel = writer.save(_crop(), "Happy")
+  first = (tmp_path / rel).read_bytes()
+  with pytest.raises(UserError, match="1 image"):
+    writer.save(np.zeros((250, 250, 3), np.uint8), "Happy")
+  writer.close()
+  assert (tmp_path / rel).read_bytes() == first
+  assert os.listdir(tmp_path / "Happy") == [os.path.basename(rel)]
+  assert len(_rows(str(tmp_path))) == 1
+
+
+def test_failed_write_leaves_no_file_and_no_row(tmp_path, monkeypatch):
+  """Catches a failed save leaving a temp file or a manifest row that points
+  at no image."""
+  writer = capture._CaptureWriter(str(tmp_path), "s1")  # pylint: disable=protected-access
+
+  def full_disk(*args, **kwargs):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(os, "replace", full_disk)
+  with pytest.raises(UserError, match="No space left"):
+    writer.save(_crop(), "Sad")
+  writer.close()
+  assert os.listdir(tmp_path / "Sad") == []
+  assert _rows(str(tmp_path)) == []
+
+
+def test_leftover_temp_files_are_not_counted_as_captures(tmp_path):
+  """Catches the per-class totals counting the hidden temp file a killed save
+  leaves (its name ends in .jpg too)."""
+  writer = capture._CaptureWriter(str(tmp_path), "s1")  # pylint: disable=protected-access
+  writer.save(_crop(), "Fear")
+  leftover = fileio.temp_path(str(tmp_path / "Fear" / "x.jpg"))
+  with open(leftover, "wb") as f:
+    f.write(b"half")
+  assert writer.existing_counts()["Fear"] == 1
+  writer.close()
 
 
 @pytest.mark.parametrize("spec", ["12h", "x:h", "3:z", "1:h,1:s", ""])

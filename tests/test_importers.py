@@ -48,6 +48,12 @@ def _snapshot(root):
   return sorted(out)
 
 
+def _files_under(root):
+  """Every file under root, relative, sorted (temp files included)."""
+  return sorted(os.path.relpath(os.path.join(d, f), root)
+                for d, _, files in os.walk(root) for f in files)
+
+
 def _check_faces(out_dir, records):
   for r in records:
     image = cv2.imread(os.path.join(out_dir, r.path), cv2.IMREAD_UNCHANGED)
@@ -74,7 +80,7 @@ def fake_preprocess(monkeypatch):
     return {"kept": len(written), "total_kept": len(written),
             "reasons": {"no_face": 2}}
 
-  monkeypatch.setattr(importers, "_run_preprocess", fake)
+  monkeypatch.setattr(importers.writer, "run_mtcnn", fake)
   return calls
 
 
@@ -118,6 +124,19 @@ def test_fer2013_listing_maps_codes_and_usage(tmp_path):
   assert len(importers.list_fer2013(str(root / "fer2013.csv"))) == 6
 
 
+def test_fer2013_every_code_and_bad_rows(tmp_path):
+  """Catches a wrong or missing entry of the code table (disgust, code 1, is
+  malformed in FER_ROWS) and rows with an unknown code or Usage being kept."""
+  rows = [(code, "Training", 2304) for code in range(7)]
+  rows += [(7, "Training", 2304), (-1, "PublicTest", 2304), (3, "Validation", 2304)]
+  _fer2013(str(tmp_path), rows)
+  skipped = collections.Counter()
+  records = importers.list_fer2013(str(tmp_path), skipped=skipped)
+  assert [r.expression for r in records] == [
+      "anger", "disgust", "fear", "happiness", "sadness", "surprise", "neutral"]
+  assert skipped == {"unknown emotion code": 2, "unknown Usage": 1}
+
+
 def test_fer2013_writes_contract_directly_and_resumes(tmp_path):
   root = tmp_path / "fer2013"
   _fer2013(str(root), FER_ROWS)
@@ -129,22 +148,39 @@ def test_fer2013_writes_contract_directly_and_resumes(tmp_path):
   assert records[0].path == "anger/fer2013_00000.png"
   assert {r.split for r in records} == {"train", "test"}
   _check_faces(str(out), records)
-  # Bicubic upsampling keeps the 48x48 content: shrinking back recovers it.
+  # Bicubic upsampling keeps the 48x48 content: shrinking back recovers it. Every
+  # face is checked against its own CSV row: a loader keyed by list position
+  # instead of row number would shift the faces after the malformed row 4 (two
+  # random images differ by about 85 on average).
   with open(root / "fer2013.csv") as f:
-    first = np.array(f.readlines()[1].split(",")[1].split(), np.uint8).reshape(48, 48)
-  face = cv2.imread(str(out / records[0].path), cv2.IMREAD_GRAYSCALE)
-  small = cv2.resize(face, (48, 48), interpolation=cv2.INTER_AREA)
-  assert np.abs(small.astype(int) - first).mean() < 40
+    rows = f.readlines()[1:]
+  for r in records:
+    row = int(r.path.split("_")[-1].split(".")[0])
+    pixels = np.array(rows[row].split(",")[1].split(), np.uint8).reshape(48, 48)
+    face = cv2.imread(str(out / r.path), cv2.IMREAD_GRAYSCALE)
+    small = cv2.resize(face, (48, 48), interpolation=cv2.INTER_AREA)
+    assert np.abs(small.astype(int) - pixels).mean() < 40, r.path
   assert _snapshot(root) == before
+  # Only faces and the manifest: no temp file of the atomic writes is left.
+  assert _files_under(str(out)) == sorted([r.path for r in records] +
+                                          [contract.MANIFEST_NAME])
 
   # A second run into the same directory is refused without --resume.
   with pytest.raises(UserError, match="--resume"):
     _import("fer2013", root, out)
-  stamp = os.stat(out / records[0].path).st_mtime_ns
+  # --resume keeps the faces on disk (marked here by blanking one) and writes
+  # the missing ones: catches a resume that rewrites everything, or one that
+  # lists missing faces in the manifest without writing them.
+  blank = np.zeros((112, 112), np.uint8)
+  cv2.imwrite(str(out / records[0].path), blank)
+  os.remove(out / records[1].path)
   _import("fer2013", root, out, resume=True)
-  assert os.stat(out / records[0].path).st_mtime_ns == stamp  # kept, not rewritten
+  assert not cv2.imread(str(out / records[0].path), cv2.IMREAD_GRAYSCALE).any()
+  assert os.path.isfile(out / records[1].path)
   assert contract.read_manifest(str(out)) == records
+  # --overwrite writes every face again: the blanked one comes back.
   _import("fer2013", root, out, overwrite=True)
+  assert cv2.imread(str(out / records[0].path), cv2.IMREAD_GRAYSCALE).any()
   assert contract.read_manifest(str(out)) == records
   with pytest.raises(UserError, match="exclude"):
     _import("fer2013", root, out, resume=True, overwrite=True)
@@ -166,7 +202,8 @@ def test_fer2013_wrong_layout(tmp_path):
 def _rafdb(parent):
   basic = os.path.join(parent, "RAF-DB", "basic")
   lines = {"train_00001.jpg": 5, "train_00002.jpg": 1, "train_00003.jpg": 4,
-           "test_0001.jpg": 7, "test_0002.jpg": 6, "test_0003.jpg": 3}
+           "test_0001.jpg": 7, "test_0002.jpg": 6, "test_0003.jpg": 3,
+           "test_0004.jpg": 2}
   os.makedirs(os.path.join(basic, "EmoLabel"))
   with open(os.path.join(basic, "EmoLabel", "list_patition_label.txt"), "w") as f:
     for name, code in lines.items():
@@ -191,7 +228,8 @@ def test_rafdb_listing(tmp_path):
       ("train_00003_aligned.jpg", "happiness", "train"),
       ("test_0001_aligned.jpg", "neutral", "test"),
       ("test_0002_aligned.jpg", "anger", "test"),
-      ("test_0003_aligned.jpg", "disgust", "test")]
+      ("test_0003_aligned.jpg", "disgust", "test"),
+      ("test_0004_aligned.jpg", "fear", "test")]
   assert skipped == {"aligned image missing": 1}
   # --root may be basic/ or the folder above it.
   assert importers.list_rafdb(os.path.dirname(basic)) == records
@@ -199,14 +237,21 @@ def test_rafdb_listing(tmp_path):
 
 def test_rafdb_writes_gray_112_directly(tmp_path, fake_preprocess):
   basic = _rafdb(str(tmp_path))
+  # A truncated download: the image exists but does not decode.
+  with open(os.path.join(basic, "Image", "aligned", "test_0003_aligned.jpg"), "wb") as f:
+    f.write(b"\xff\xd8 not a jpeg")
   out = tmp_path / "faces"
-  _import("rafdb", basic, out, workers=2)
+  result = _import("rafdb", basic, out, workers=2)
   records = contract.read_manifest(str(out))
   assert not fake_preprocess  # aligned faces skip MTCNN
   assert records[0] == contract.Record("sadness/rafdb_train_00001.png", "sadness",
                                        "", "rafdb", "train")
   assert collections.Counter(r.split for r in records) == {"train": 3, "test": 3}
   _check_faces(str(out), records)
+  # The unreadable face is counted and left out of the manifest (which
+  # read_manifest would otherwise reject for a missing file).
+  assert result["failed"] == {"unreadable image": 1}
+  assert "disgust" not in {r.expression for r in records}
 
 
 def test_rafdb_wrong_layout_names_expected_file(tmp_path):
@@ -218,7 +263,20 @@ def test_rafdb_wrong_layout_names_expected_file(tmp_path):
   basic = _rafdb(str(tmp_path / "x"))
   with open(os.path.join(basic, "EmoLabel", "list_patition_label.txt"), "a") as f:
     f.write("train_00005.jpg happy\n")
-  with pytest.raises(DataError, match="line 8"):
+  with pytest.raises(DataError, match="line 9"):
+    importers.list_rafdb(basic)
+
+
+@pytest.mark.parametrize("line,message", [
+    ("train_00009.jpg 8\n", "label 8 is not in 1..7"),
+    ("val_00009.jpg 1\n", "neither train_ nor test_"),
+])
+def test_rafdb_rejects_unknown_codes_and_splits(tmp_path, line, message):
+  """Catches a lister that guesses at a label or split it does not know."""
+  basic = _rafdb(str(tmp_path))
+  with open(os.path.join(basic, "EmoLabel", "list_patition_label.txt"), "a") as f:
+    f.write(line)
+  with pytest.raises(DataError, match=message):
     importers.list_rafdb(basic)
 
 
@@ -270,6 +328,38 @@ def test_ckplus_listing_peak_and_neutral_frames(tmp_path):
   assert all(os.path.isfile(r.path) for r in records)
 
 
+def _ckplus_sequence(root, subject, seq, frames, code):
+  for k in range(1, frames + 1):
+    _image(os.path.join(root, "cohn-kanade-images", subject, seq,
+                        f"{subject}_{seq}_{k:08d}.png"), shape=(8, 8), color=False)
+  label_dir = os.path.join(root, "Emotion", subject, seq)
+  os.makedirs(label_dir, exist_ok=True)
+  with open(os.path.join(label_dir, f"{subject}_{seq}_{frames:08d}_emotion.txt"),
+            "w") as f:
+    f.write(f"   {code:.7e}\n")
+
+
+def test_ckplus_every_code(tmp_path):
+  """Catches a wrong entry of the code table: one sequence per code 0..7, each by
+  a different subject so that subjects are checked to follow their folders."""
+  root = str(tmp_path)
+  for code in range(8):
+    _ckplus_sequence(root, f"S{100 + code}", "001", 4, code)
+  _ckplus_sequence(root, "S200", "001", 1, 5)  # too short for neutral + peak
+  skipped = collections.Counter()
+  records = importers.list_ckplus(root, skipped=skipped)
+  peak = {r.subject: r.expression for r in records
+          if not r.path.endswith("_00000001.png")}
+  assert peak == {"S100": "neutral", "S101": "anger", "S103": "disgust",
+                  "S104": "fear", "S105": "happiness", "S106": "sadness",
+                  "S107": "surprise"}
+  assert skipped == {"contempt sequence (no canonical class)": 1,
+                     "sequence with fewer than 2 frames": 1}
+  _ckplus_sequence(root, "S300", "001", 4, 8)
+  with pytest.raises(DataError, match="code 8 is not in 0..7"):
+    importers.list_ckplus(root)
+
+
 def test_ckplus_goes_through_mtcnn(tmp_path, fake_preprocess):
   root = _ckplus(str(tmp_path / "CK+"))
   before = _snapshot(root)
@@ -306,7 +396,7 @@ def test_mtcnn_keeping_no_face_is_one_line(tmp_path, monkeypatch):
     del output_dir, kwargs  # Writes no face at all.
     return {"kept": 0, "total_kept": 0, "reasons": {"no_face": len(items)}}
 
-  monkeypatch.setattr(importers, "_run_preprocess", rejects_all)
+  monkeypatch.setattr(importers.writer, "run_mtcnn", rejects_all)
   with pytest.raises(DataError, match=r"MTCNN kept no face of 11 photos \(11 no_face\)"):
     _import("ckplus", root, tmp_path / "faces")
 
@@ -379,6 +469,31 @@ def test_oulu_neutral_flag_and_mtcnn(tmp_path, fake_preprocess):
   assert result["written"]["num_subjects"] == 2
 
 
+def test_oulu_every_class_natural_order_and_condition(tmp_path):
+  """Catches a lister that drops one of the six class folders, sorts frame
+  names as strings (1, 10, 11, 12, 2, ... would make 7-9 the "peak"), or ignores
+  the modality and illumination it is asked for."""
+  root = str(tmp_path)
+  classes = ("Anger", "Disgust", "Fear", "Happiness", "Sadness", "Surprise")
+  for cls in classes:
+    _image(os.path.join(root, "VL", "Strong", "P003", cls, "0.jpeg"), shape=(8, 8))
+  for k in range(1, 13):
+    _image(os.path.join(root, "VL", "Strong", "P004", "Fear", f"{k}.jpeg"),
+           shape=(8, 8))
+  _image(os.path.join(root, "VL", "Strong", "P004", "Contempt", "0.jpeg"), shape=(8, 8))
+  _image(os.path.join(root, "NI", "Weak", "P005", "Sadness", "0.jpeg"), shape=(8, 8))
+  skipped = collections.Counter()
+  records = importers.list_oulu(root, skipped=skipped)
+  assert [r.expression for r in records if r.subject == "P003"] == [
+      "anger", "disgust", "fear", "happiness", "sadness", "surprise"]
+  assert [os.path.basename(r.path) for r in records if r.subject == "P004"] == [
+      "10.jpeg", "11.jpeg", "12.jpeg"]
+  assert skipped == {"unknown class folder 'Contempt'": 1}
+  assert "P005" not in {r.subject for r in records}
+  other = importers.list_oulu(root, modality="NI", illumination="Weak")
+  assert [(r.subject, r.expression) for r in other] == [("P005", "sadness")]
+
+
 def test_oulu_wrong_layout(tmp_path):
   os.makedirs(tmp_path / "VL" / "Weak")
   with pytest.raises(DataError, match=r"expected VL/Strong/P001/Anger/000\.jpeg .* under "
@@ -446,7 +561,7 @@ def test_affectnet_csv_form(tmp_path, fake_preprocess):
   rows = {"training.csv": [("689/aa11.jpg", 4), ("689/bb22.jpg", 8),
                            ("12/cc33.jpg", 2), ("12/dd44.jpg", 10),
                            ("12/missing.jpg", 1)],
-          "validation.csv": [("7/ee55.jpg", 9), ("7/ff66.jpg", 0)]}
+          "validation.csv": [("7/ee55.jpg", 9), ("7/ff66.jpg", 0), ("7/gg77.jpg", 11)]}
   for name, items in rows.items():
     with open(lists / name, "w") as f:
       f.write(header)
@@ -463,8 +578,11 @@ def test_affectnet_csv_form(tmp_path, fake_preprocess):
   assert [(os.path.basename(r.path), r.expression, r.split) for r in records] == [
       ("aa11.jpg", "fear", "train"), ("cc33.jpg", "sadness", "train"),
       ("ff66.jpg", "neutral", "test")]
+  # Codes 8-10 and unknown ones are dropped, never mistaken for a class (8,
+  # "None", means none of the eight, not neutral).
   assert skipped == {"AffectNet code 8 (None)": 1, "AffectNet code 10 (Non-Face)": 1,
-                     "AffectNet code 9 (Uncertain)": 1, "image missing": 1}
+                     "AffectNet code 9 (Uncertain)": 1, "image missing": 1,
+                     "unknown AffectNet code 11": 1}
   out = tmp_path / "faces"
   _import("affectnet", root, out, aligned=True)
   written = contract.read_manifest(str(out))
@@ -508,16 +626,47 @@ def test_folder_listing_and_mtcnn(tmp_path, fake_preprocess):
 
 def test_output_dir_rules(tmp_path):
   root = _rafdb(str(tmp_path))
-  with pytest.raises(UserError, match="inside --root"):
-    _import("rafdb", root, os.path.join(root, "faces"))
+  before = _snapshot(root)
+  # The dataset itself, a folder inside it, or a link that resolves into it
+  # (catches a check on the spelled path instead of the real one).
+  os.symlink(os.path.join(root, "Image"), tmp_path / "link")
+  for inside in (root, os.path.join(root, "faces"), str(tmp_path / "link" / "faces")):
+    with pytest.raises(UserError, match="inside --root"):
+      _import("rafdb", root, inside)
+  assert _snapshot(root) == before
+  # A sibling that merely shares the name's prefix is not inside.
+  sibling = root.rstrip(os.sep) + "_faces"
+  assert importers.check_output_dir(sibling, root) == os.path.realpath(sibling)
+  # A folder of the user's own files is refused, and left exactly as it was:
+  # catches a writer that checks only after writing, or not at all.
   out = tmp_path / "busy"
   os.makedirs(out)
   (out / "something.txt").write_text("x")
   with pytest.raises(UserError, match="not empty"):
     _import("rafdb", root, out)
+  assert _files_under(str(out)) == ["something.txt"]
+  (out / "file").write_text("x")
+  with pytest.raises(UserError, match="is a file"):
+    _import("rafdb", root, out / "file")
+  with pytest.raises(UserError, match="--output_dir"):
+    _import("rafdb", root, "")
   result = _import("rafdb", root, tmp_path / "never", dry_run=True)
-  assert result["found"]["num_images"] == 6
+  assert result["found"]["num_images"] == 7
   assert not os.path.exists(tmp_path / "never")
+
+
+def test_list_dataset_dispatches_by_name(tmp_path):
+  """Catches a dispatch table that sends a name to another dataset's lister or
+  drops the lister's options."""
+  root = _oulu(str(tmp_path / "Oulu"))
+  assert importers.list_dataset("oulu", root, include_neutral=True) == (
+      importers.list_oulu(root, include_neutral=True))
+  basic = _rafdb(str(tmp_path))
+  assert importers.list_dataset("rafdb", basic) == importers.list_rafdb(basic)
+  with pytest.raises(UserError, match="unknown dataset 'jaffe'"):
+    importers.list_dataset("jaffe", basic)
+  with pytest.raises(UserError, match="unknown --dataset 'jaffe'"):
+    _import("jaffe", basic, tmp_path / "out")
 
 
 def test_limit_spreads_over_classes(tmp_path):
@@ -546,7 +695,8 @@ def test_format_summary_lists_classes_splits_and_skips():
 def _cli(*args):
   env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", TF_ENABLE_ONEDNN_OPTS="0")
   return subprocess.run([sys.executable, "-m", "data_tools.import_dataset", *args],
-                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                        check=False)
 
 
 def test_cli_wrong_layout_is_one_line_exit_2(tmp_path):

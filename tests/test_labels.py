@@ -59,3 +59,10 @@ def test_accepted_names_start_with_the_canonical_ones():
   names = accepted_names()
   assert tuple(names[:len(EXPRESSIONS)]) == EXPRESSIONS
   assert len(names) == len(set(names))
+
+
+def test_every_accepted_name_maps_to_a_class():
+  """Catches an error message that advertises a spelling canonical_expression
+  rejects, or a dropped one (contempt) listed as accepted."""
+  for name in accepted_names():
+    assert canonical_expression(name) in EXPRESSIONS, name
