@@ -1,11 +1,40 @@
-"""From a config to in-memory train/test arrays: data directory, split, images."""
+"""From a face-set directory to in-memory train/test arrays.
+
+`load_face_set` reads a manifest once and decodes each image once per image
+size; `split_faces` cuts the fold a config asks for out of it. A process that
+trains and evaluates many folds and variants (the protocol) loads the set once
+and hands the same `FaceSet` to every run. Where the directory comes from (a
+user's folder or the built-in synthetic set) is the entry point's business.
+"""
 
 import dataclasses
 import os
 
 import numpy as np
 
-from dicefer_jax import contract, input_pipeline, splits
+from dicefer_jax import contract, face_images, splits
+from dicefer_jax import tfds_builder
+from dicefer_jax.errors import DataError
+
+
+class FaceSet:
+  """A face set's records and, per image size, its decoded images (decoded once)."""
+
+  def __init__(self, data_dir: str, records: list[contract.Record]):
+    self.data_dir = data_dir
+    self.records = list(records)
+    self._images = {}
+
+  def images(self, size: int) -> np.ndarray:
+    """uint8 (N, size, size, 1), row i being records[i]; decoded on first use."""
+    if size not in self._images:
+      self._images[size] = face_images.load_images(self.data_dir, self.records, size)
+    return self._images[size]
+
+
+def load_face_set(data_dir: str) -> FaceSet:
+  """Reads the manifest of a face set (checking every file exists)."""
+  return FaceSet(data_dir, contract.read_manifest(data_dir))
 
 
 @dataclasses.dataclass
@@ -23,57 +52,47 @@ class FaceData:
 
 
 def cache_root(config) -> str:
+  """Where generated data (the synthetic set, prepared TFDS copies) is kept."""
   return (config.synthetic.cache_dir or os.environ.get("DICEFER_CACHE") or
           os.path.join(os.path.expanduser("~"), ".cache", "dicefer_jax"))
 
 
-def synthetic_dir(config) -> str:
-  """Where the built-in synthetic set for this config lives (generated once)."""
-  s = config.synthetic
-  return os.path.join(cache_root(config),
-                      f"synthetic_n{s.num_subjects}_k{s.images_per_cell}_seed{s.seed}")
-
-
-def resolve_data_dir(config) -> str:
-  """config.data_dir, or the built-in synthetic set when it is empty."""
-  if config.data_dir:
-    return config.data_dir
-  from data_tools import synthetic  # pylint: disable=g-import-not-at-top
-  s = config.synthetic
-  return synthetic.ensure_synthetic(synthetic_dir(config), s.num_subjects,
-                                    s.images_per_cell, s.seed)
-
-
-def _tfds_split(config, data_dir: str, split: str):
-  """(images, labels, subjects) of one split, read through the dicefer_faces builder."""
-  from data_tools import tfds_builder  # pylint: disable=g-import-not-at-top
-  ds = tfds_builder.load(data_dir, split, data_dir=config.get("tfds_dir") or
-                         os.path.join(cache_root(config), "tfds"),
+def _tfds_part(config, faces: FaceSet, part: str, records: list[contract.Record]):
+  """(images, labels, subjects) of one split read through the dicefer_faces builder,
+  in the order of `records` (the files path's order), so that both sources train
+  on the very same batches."""
+  ds = tfds_builder.load(faces.data_dir, part,
+                         data_dir=config.tfds_dir or os.path.join(cache_root(config), "tfds"),
                          fold=config.fold, num_folds=config.num_folds, seed=config.split_seed)
-  images, labels, subjects = [], [], []
+  by_path = {}
   for ex in ds.as_numpy_iterator():
-    images.append(input_pipeline.resize_square(ex["image"][:, :, 0], config.image_size))
-    labels.append(ex["expression"])
-    subjects.append(ex["subject"].decode())
-  return (np.stack(images)[..., None].astype(np.uint8), np.asarray(labels, np.int32),
-          subjects)
+    by_path[ex["path"].decode()] = face_images.resize_square(ex["image"][:, :, 0],
+                                                             config.image_size)
+  missing = [r.path for r in records if r.path not in by_path]
+  if missing:
+    raise DataError(f"the prepared TFDS copy lacks {len(missing)} image(s) of the "
+                    f"{part} split (e.g. {missing[0]}): delete the stale copy in "
+                    f"{config.tfds_dir or 'the tfds cache'} or set --config.tfds_dir")
+  images = np.stack([by_path[r.path] for r in records])[..., None]
+  labels, subjects = face_images.labels_and_subjects(records)
+  return images.astype(np.uint8), labels, subjects
 
 
-def load_data(config) -> FaceData:
-  data_dir = resolve_data_dir(config)
-  records = contract.read_manifest(data_dir)
+def split_faces(config, faces: FaceSet) -> FaceData:
+  """The train/test split of `faces` that config.fold/num_folds/split_seed name."""
   train, test, info = splits.split_records(
-      records, num_folds=config.num_folds, fold=config.fold, seed=config.split_seed)
-  if config.get("data_source", "files") == "tfds":
-    # The same split, built into a TFDS dataset (prepared once, then reused).
-    train_arrays = _tfds_split(config, data_dir, "train")
-    test_arrays = _tfds_split(config, data_dir, "test")
-    return FaceData(data_dir, info, *train_arrays, *test_arrays)
-  train_labels, train_subjects = input_pipeline.labels_and_subjects(train)
-  test_labels, test_subjects = input_pipeline.labels_and_subjects(test)
-  return FaceData(
-      data_dir=data_dir, split_info=info,
-      train_images=input_pipeline.load_images(data_dir, train, config.image_size),
-      train_labels=train_labels, train_subjects=train_subjects,
-      test_images=input_pipeline.load_images(data_dir, test, config.image_size),
-      test_labels=test_labels, test_subjects=test_subjects)
+      faces.records, num_folds=config.num_folds, fold=config.fold, seed=config.split_seed)
+  if config.data_source == "tfds":
+    return FaceData(faces.data_dir, info, *_tfds_part(config, faces, "train", train),
+                    *_tfds_part(config, faces, "test", test))
+  if config.data_source != "files":
+    raise DataError(f"data_source={config.data_source!r} is unknown: use 'files' or 'tfds'")
+  index = {id(r): i for i, r in enumerate(faces.records)}
+  images = faces.images(config.image_size)
+
+  def arrays(records):
+    rows = np.array([index[id(r)] for r in records], dtype=np.int64)
+    labels, subjects = face_images.labels_and_subjects(records)
+    return images[rows], labels, subjects
+
+  return FaceData(faces.data_dir, info, *arrays(train), *arrays(test))

@@ -1,7 +1,7 @@
 """tf.data pipelines of same-expression pairs, single images and evaluation batches.
 
 Face sets are small (thousands of 112x112 grayscale images, a few tens of MB), so
-every PNG is decoded once into a uint8 array (`load_images`) and the pipelines
+every PNG is decoded once into a uint8 array (`face_images.load_images`) and the pipelines
 only gather from that array: no per-step file IO or PNG decoding.
 
 All randomness is stateless and indexed by the batch number: batch b of a
@@ -19,12 +19,10 @@ TensorFlow is kept off any GPU at import: JAX owns the accelerator, and TF would
 otherwise reserve most of its memory.
 """
 
-import concurrent.futures
 import math
 import os
 from typing import Iterator, Sequence
 
-import cv2
 import numpy as np
 
 # Must be set before TensorFlow is first imported; setdefault keeps a user's choice.
@@ -33,7 +31,6 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
-from dicefer_jax.contract import IMAGE_SIZE, Record
 from dicefer_jax.errors import DataError
 
 
@@ -57,63 +54,6 @@ _SHUFFLE_STREAM = 3
 
 # ------------------------------------------------------------------------------
 # Loading.
-
-
-def labels_and_subjects(records: Sequence[Record]) -> tuple[np.ndarray, list[str]]:
-  """The int32 label array and the subject list ("" = unknown) of records."""
-  return (np.array([r.label for r in records], dtype=np.int32),
-          [r.subject for r in records])
-
-
-def resize_square(image: np.ndarray, size: int) -> np.ndarray:
-  """A 2-D uint8 image at size x size: area interpolation when shrinking (it
-  averages instead of aliasing), bilinear when enlarging (where area degenerates)."""
-  if image.shape == (size, size):
-    return image
-  shrink = image.shape[0] >= size and image.shape[1] >= size
-  return cv2.resize(image, (size, size),
-                    interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
-
-
-def load_images(data_dir: str, records: Sequence[Record],
-                image_size: int = IMAGE_SIZE) -> np.ndarray:
-  """Decodes every record's image once, as grayscale.
-
-  Args:
-    data_dir: the face set directory; record paths are relative to it.
-    records: the records to load, in the order wanted.
-    image_size: side S of the returned images. Files of another size are resized
-      (area interpolation when shrinking, which averages instead of aliasing;
-      bilinear when enlarging, where area interpolation degenerates).
-
-  Returns:
-    uint8 array (N, S, S, 1), row i being records[i].
-
-  Raises:
-    DataError: naming the first file that is missing or cannot be decoded.
-  """
-  size = int(image_size)
-  if size < 1:
-    raise DataError(f"image_size={image_size} is invalid: use a positive integer")
-  out = np.empty((len(records), size, size, 1), dtype=np.uint8)
-
-  def load(i: int) -> None:
-    path = os.path.join(data_dir, records[i].path)
-    if not os.path.isfile(path):
-      raise DataError(f"image file {path} does not exist: restore it or regenerate "
-                      "the manifest")
-    image = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
-    if image is None or image.size == 0:
-      raise DataError(f"cannot decode image {path}: the file is corrupt or not an "
-                      "image; re-create it or remove it from the manifest")
-    out[i, :, :, 0] = resize_square(image, size)
-
-  # cv2 releases the GIL while decoding, so a few threads overlap file IO.
-  workers = max(1, min(8, os.cpu_count() or 1))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    # list() re-raises the first worker error here, in record order.
-    list(pool.map(load, range(len(records))))
-  return out
 
 
 # ------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """A TensorFlow Datasets builder over any preprocessed face set (`dicefer_faces`).
 
-It reads only the on-disk contract (`DIR/manifest.csv` and the 112x112 grayscale
-PNGs it names), so it serves the synthetic set, MTCNN-preprocessed folders and
+It reads only the on-disk contract (`DIR/manifest.csv` and the grayscale face
+images it names, resized to 112x112 by `face_images.decode_face` exactly as
+training from the files does), so it serves the synthetic set, MTCNN-preprocessed folders and
 every imported dataset alike.
 
 Splits `train` and `test` come from `dicefer_jax.splits.split_records`: the
@@ -15,7 +16,7 @@ subject Text ('' when unknown), source Text, path Text (the manifest's path).
 
 Three ways to use it (importing this module registers the builder):
 
-  from data_tools import tfds_builder
+  from dicefer_jax import tfds_builder
   # 1. builder kwargs, in the name string or as arguments:
   ds = tfds.load("dicefer_faces/face_dir=/faces/ckplus,num_folds=10,fold=3",
                  split="train", data_dir="/tmp/tfds")
@@ -42,12 +43,11 @@ import hashlib
 import os
 import re
 
-import cv2
 import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
-from dicefer_jax import contract
+from dicefer_jax import contract, face_images
 from dicefer_jax import splits
 from dicefer_jax.errors import DataError, UserError
 
@@ -172,19 +172,9 @@ class DiceferFaces(tfds.core.GeneratorBasedBuilder):
             "test": self._generate_examples(face_dir, test)}
 
   def _generate_examples(self, face_dir, records):
-    size = contract.IMAGE_SIZE
     for r in records:
-      path = os.path.join(face_dir, r.path)
-      image = cv2.imread(path, cv2.IMREAD_UNCHANGED)
-      if image is None:
-        raise DataError(f"{path} is not a readable image: regenerate the face set")
-      if image.ndim == 3:
-        # Tolerate 3-channel PNGs of gray faces; the contract asks for 1 channel.
-        image = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2GRAY)
-      if image.shape != (size, size) or image.dtype != np.uint8:
-        raise DataError(
-            f"{path} is {image.shape} {image.dtype}, not {size}x{size} uint8 "
-            "grayscale: the face set does not follow the data contract")
+      # The same decoding as training from the files: gray, resized to 112x112.
+      image = face_images.decode_face(os.path.join(face_dir, r.path), contract.IMAGE_SIZE)
       yield r.path, {
           "image": image[..., None],
           "expression": r.expression,

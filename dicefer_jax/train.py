@@ -7,17 +7,15 @@ when one exists, and skips itself when its final checkpoint is already there.
 """
 
 import json
-import os
 import time
 from typing import Callable, Sequence
 
 from absl import logging
 import jax
-import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
-from dicefer_jax import checkpoints, contract, input_pipeline, models, steps
+from dicefer_jax import checkpoints, contract, fileio, input_pipeline, models, steps
+from dicefer_jax import workdir as workdir_lib
 from dicefer_jax.data import FaceData
 from dicefer_jax.errors import UserError
 
@@ -33,20 +31,12 @@ def prerequisite(stage: str, config) -> str | None:
   usually start from a pretrained backbone instead of from random weights.
   """
   if stage == "stage1":
-    return "baseline" if config.stage1.get("init_from", "") == "baseline" else None
+    return "baseline" if config.stage1.init_from == "baseline" else None
   return {"stage2": "stage1", "stage3": "stage2", "baseline": None}[stage]
 
 
 def _stage_flag(stage: str) -> str:
   return stage[-1] if stage.startswith("stage") else stage
-
-# Fields that may change between runs in one workdir (they do not change the model
-# or what a checkpoint means); any other difference is refused.
-MUTABLE_FIELDS = ("stage1.num_steps", "stage2.num_steps", "stage3.num_steps",
-                  "baseline.num_steps", "log_every", "checkpoint_every",
-                  "keep_checkpoints", "eval_batch_size", "synthetic.cache_dir", "tfds_dir")
-CONFIG_NAME = "config.json"
-
 
 class TrainingDiverged(UserError):
   """A loss became NaN or inf; the last good checkpoint is kept."""
@@ -61,7 +51,7 @@ def stages_for(config, stage_flag: str) -> list[str]:
     return ["baseline"]
   if config.method != "dicefer":
     raise UserError(f"unknown method {config.method!r}: use 'dicefer' or 'baseline'")
-  init_from = config.stage1.get("init_from", "")
+  init_from = config.stage1.init_from
   if init_from not in ("", "baseline"):
     raise UserError(f"stage1.init_from={init_from!r}: use '' (random init) or 'baseline'")
   warmup = ["baseline"] if init_from == "baseline" else []
@@ -79,53 +69,6 @@ def final_stage(config) -> str:
   return "baseline" if config.method == "baseline" else "stage3"
 
 
-def _flatten(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-  return out
-
-
-def check_and_save_config(config, workdir: str) -> None:
-  """Saves the resolved config beside the checkpoints; refuses a mismatched workdir."""
-  os.makedirs(workdir, exist_ok=True)
-  path = os.path.join(workdir, CONFIG_NAME)
-  current = json.loads(config.to_json_best_effort())
-  if os.path.exists(path):
-    with open(path) as f:
-      saved = json.load(f)
-    a, b = _flatten(saved), _flatten(current)
-    differ = sorted(k for k in set(a) | set(b)
-                    if a.get(k) != b.get(k) and k not in MUTABLE_FIELDS)
-    if differ:
-      raise UserError(
-          f"workdir {workdir!r} holds checkpoints from another config (differs in "
-          f"{', '.join(differ[:5])}{'...' if len(differ) > 5 else ''}): use a new "
-          "--workdir, or pass the same config")
-  elif os.path.isdir(os.path.join(workdir, "checkpoints")):
-    raise UserError(
-        f"workdir {workdir!r} holds checkpoints but no {CONFIG_NAME}, so they cannot be "
-        "matched to this config: use a new --workdir")
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    json.dump(current, f, indent=2, sort_keys=True)
-  os.replace(tmp, path)
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, CONFIG_NAME)
-  if not os.path.exists(path):
-    raise UserError(f"{path} not found: {workdir!r} is not a training workdir; train "
-                    "first with `python -m experiments.run --workdir=...`")
-  with open(path) as f:
-    d = json.load(f)
-  d["model"]["classifier_hidden"] = tuple(d["model"]["classifier_hidden"])
-  return ml_collections.ConfigDict(d)
-
-
 # ----------------------------------------------------------------------------
 # Devices: data parallel over every local device (GSPMD). BatchNorm statistics are
 # then computed over the global batch, as on one device.
@@ -137,11 +80,12 @@ def make_shardings():
           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
 
 
-def _check_batch_divisible(batch_size: int) -> None:
+def check_batch_divisible(batch_size: int, field: str = "batch_size") -> None:
+  """Batches are split evenly over the devices: refuses a size they cannot share."""
   n = jax.device_count()
   if batch_size % n:
-    raise UserError(f"batch_size={batch_size} is not divisible by the {n} devices: "
-                    f"use a multiple of {n} (--config.batch_size=...)")
+    raise UserError(f"{field}={batch_size} is not divisible by the {n} devices: "
+                    f"use a multiple of {n} (--config.{field}=...)")
 
 
 # ----------------------------------------------------------------------------
@@ -178,8 +122,8 @@ class MetricWriter:
 
   def __init__(self, workdir: str):
     from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
-    self._tb = tensorboard.SummaryWriter(os.path.join(workdir, "tensorboard"))
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    self._tb = tensorboard.SummaryWriter(workdir_lib.tensorboard_dir(workdir))
+    self._jsonl = open(workdir_lib.metrics_log_path(workdir), "a")
 
   def write(self, stage: str, step: int, scalars: dict) -> None:
     for k, v in scalars.items():
@@ -245,14 +189,21 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
           "(or --stage=all)")
     prev_template = initial_state(prev, config, model)
     prev_state, _ = checkpoints.restore_final(workdir, prev, prev_template)
+  stale = checkpoints.stale_reason(workdir, stage, prev)
+  if stale:
+    # Its checkpoints rest on parameters that are gone: train it again from the
+    # new prerequisite, keeping the old ones aside rather than deleting them.
+    moved = checkpoints.set_aside(workdir, stage)
+    print(f"{stage}: {stale}; retraining it (old checkpoints moved to {moved})", flush=True)
 
   state = initial_state(stage, config, model, prev_state)
   replicated, data_sharding = make_shardings()
-  _check_batch_divisible(config.batch_size)
+  check_batch_divisible(config.batch_size)
   mngr = checkpoints.manager(workdir, stage, keep=config.keep_checkpoints)
   start = mngr.latest_step()
   if start is not None:
     if start > num_steps:
+      mngr.close()
       raise UserError(f"{stage} already has a checkpoint at step {start} > num_steps="
                       f"{num_steps}: raise --config.{stage}.num_steps or use a new workdir")
     state, _ = checkpoints.restore(mngr, state)
@@ -268,7 +219,8 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
                     donate_argnums=0)
   batches = input_pipeline.as_numpy_iterator(stage_dataset(stage, config, data, start))
   images_per_step = config.batch_size * (2 if stage in steps.PAIR_STAGES else 1)
-  meta = dict(stage=stage, num_steps=num_steps, method=config.method)
+  meta = dict(stage=stage, num_steps=num_steps, method=config.method,
+              lineage=checkpoints.lineage_after(workdir, prev))
 
   monitor = StabilityMonitor(stage, config.batch_size)
   pending = []           # per-step metrics (device arrays) since the last check
@@ -322,6 +274,7 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
 
 def predict(config, model, state: steps.StageState, images: np.ndarray) -> dict:
   """Codes, features and logits of every image (eval mode), as numpy arrays."""
+  check_batch_divisible(config.eval_batch_size, "eval_batch_size")
   replicated, data_sharding = make_shardings()
   embed = jax.jit(steps.make_embed_fn(model))
   params = jax.device_put(state.params, replicated)
@@ -340,6 +293,29 @@ def predict(config, model, state: steps.StageState, images: np.ndarray) -> dict:
   return result
 
 
+def restore_trained(config, workdir: str):
+  """(model, final state) of a finished workdir, for evaluation or prediction.
+
+  Refuses, in one line, a workdir whose stages are not all finished for this
+  config, or whose final stage rests on a prerequisite trained further since.
+  """
+  stages = stages_for(config, "all")
+  for stage in stages:
+    if checkpoints.latest_step(workdir, stage) != int(config[stage].num_steps):
+      raise UserError(
+          f"{workdir!r} has no final {stage} checkpoint (step {config[stage].num_steps}): "
+          f"finish training first with `python -m experiments.run --workdir={workdir} "
+          "--config=...`")
+    stale = checkpoints.stale_reason(workdir, stage, prerequisite(stage, config))
+    if stale:
+      raise UserError(f"{workdir!r}: {stale}, so its later stages are out of date: rerun "
+                      f"`python -m experiments.run --workdir={workdir} --stage=all` first")
+  model = models.build_model(config.model, contract.NUM_CLASSES)
+  stage = final_stage(config)
+  state, _ = checkpoints.restore_final(workdir, stage, initial_state(stage, config, model))
+  return model, state
+
+
 def train_and_evaluate(config, workdir: str, stage_names: Sequence[str], data: FaceData,
                        make_step: Callable = steps.make_step) -> dict | None:
   """Runs the stages in order; after the final stage, measures test accuracy."""
@@ -356,8 +332,7 @@ def train_and_evaluate(config, workdir: str, stage_names: Sequence[str], data: F
     summary = dict(test_accuracy=accuracy, num_test=int(len(data.test_labels)),
                    split=data.split_info.as_dict(), data_dir=data.data_dir)
     writer.write(stage_names[-1], int(state.step), dict(test_accuracy=accuracy))
-    with open(os.path.join(workdir, "train_metrics.json"), "w") as f:
-      json.dump(summary, f, indent=2)
+    fileio.write_json_atomic(workdir_lib.train_metrics_path(workdir), summary)
     return summary
   finally:
     writer.close()

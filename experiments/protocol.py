@@ -3,12 +3,13 @@ r"""The subject-independent protocol: every method, variant and fold, and one ta
   python -m experiments.protocol --config=experiments/configs/demo.py --folds=3 \
       --workdir=runs/protocol [--methods=dicefer,baseline] \
       [--sweep=loss.zeta=0.005,0.01,0.025] [--ablations=no_swap,delta0,no_stage2] \
-      [--config.FIELD=VALUE ...] [--mig_seeds=3 ...]
+      [--config.FIELD=VALUE ...] [--config.eval.mig.num_seeds=3 ...]
 
 Each (variant, fold) trains and evaluates in its own workdir,
 DIR/<variant>/fold<i> (DIR/<variant>/official when the data ships an official
 split, which is then used once instead of folds), through experiments.run.run
-and experiments.evaluate.evaluate in this process. Variants:
+and experiments.evaluate.evaluate in this process, which reads and decodes the
+face set once for all of them. Variants:
 
 - `dicefer`, `baseline`: the methods (--methods), on the given config;
 - `<method>_<field>=<value>`: one per --sweep value (the baseline is swept only
@@ -36,15 +37,22 @@ from absl import flags
 from absl import logging
 import jax
 
-from dicefer_jax import contract, evaluation, splits, train
-from dicefer_jax import data as data_lib
+from dicefer_jax import config_fields, fileio, splits, train
+from dicefer_jax import workdir as workdir_lib
 from dicefer_jax.errors import UserError
+from dicefer_jax.evaluation import common as eval_common
+from dicefer_jax.evaluation import evaluator
 from experiments import cli
 from experiments import evaluate as evaluate_lib
-# experiments.run defines --config, --workdir (and --stage); the protocol shares
-# the first two rather than defining clashing flags of the same names.
+from experiments import face_sets
 from experiments import run as run_lib
 from experiments.configs import ablations as ablations_lib
+from experiments.configs import default
+
+_CONFIG = cli.define_config_file(
+    "config", "experiments/configs/default.py", "Training config file; its `eval` "
+    "block sets the evaluation.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory of every run and the table.")
 
 _FOLDS = flags.DEFINE_integer(
     "folds", None, "Number of subject-held-out folds (default: config.num_folds). "
@@ -58,19 +66,12 @@ _ABLATIONS = flags.DEFINE_list(
 _COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache", True, "Keep compiled XLA programs in DIR/jax_cache, so that "
     "every fold after the first (and a rerun) skips most compilation.")
-_EVAL_FLAGS = evaluate_lib.define_flags()
 
 METHODS = ("dicefer", "baseline")
 # Config fields the baseline never reads: sweeping them re-runs DICE-FER only.
 DICEFER_ONLY = ("loss.", "stage1.", "stage2.", "stage3.", "train.disc_", "model.exp_dim",
                 "model.id_dim", "model.normalize_code", "model.critic_hidden",
                 "model.disc_hidden", "model.local_stage", "model.classifier_")
-# Fields that change neither training nor results: a finished run is reused
-# even when they differ.
-COSMETIC = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
-            "synthetic.cache_dir")
-
-
 def _get(m: dict, *path):
   """m[path[0]][path[1]]..., or None when any step is missing or null."""
   for key in path:
@@ -109,13 +110,6 @@ class Variant:
   overrides: tuple = ()   # ((dotted field, value), ...)
 
 
-def _field_value(config, field: str):
-  node = config
-  for name in field.split("."):
-    node = node[name]
-  return node
-
-
 def _parse_value(field: str, current, text: str):
   """`text` as a value of the type of the field's current value."""
   try:
@@ -148,8 +142,8 @@ def parse_sweep(text: str, config) -> tuple[str, list[tuple[str, object]]]:
     raise UserError(f"--sweep={text!r} is malformed: use FIELD=V1,V2,... "
                     "(e.g. --sweep=loss.zeta=0.005,0.01,0.025)")
   try:
-    current = _field_value(config, field)
-  except (KeyError, AttributeError):
+    current = config_fields.get_field(config, field)
+  except KeyError:
     raise UserError(f"--sweep field {field!r} does not exist in the config") from None
   if len(set(tokens)) != len(tokens):
     raise UserError(f"--sweep={text!r} repeats a value")
@@ -184,18 +178,31 @@ def make_variants(config, methods: Sequence[str], sweep: str = "",
   return variants
 
 
-def fold_plan(config, folds: int | None) -> tuple[str, list]:
+def fold_plan(config, records, folds: int | None) -> tuple[str, list]:
   """(split kind, fold ids): [None] for an official split, else 0..folds-1.
 
   Checks that the data can fill that many folds before anything trains.
   """
-  records = contract.read_manifest(data_lib.resolve_data_dir(config))
   kind = splits.split_kind(records)
   if kind == "official":
     return kind, [None]
   num_folds = int(config.num_folds if folds is None else folds)
   splits.fold_assignments(records, num_folds=num_folds, seed=config.split_seed)
   return kind, list(range(num_folds))
+
+
+def _split_note(kind: str, num_folds: int, seed: int) -> str:
+  if kind == "official":
+    return "The data's official train/test split, used once (no folds)."
+  if kind == "subject":
+    return (f"Subject-held-out {num_folds}-fold cross-validation (seed {seed}): every "
+            "test fold holds out whole people.")
+  if kind == "stratified":
+    return (f"Subject ids are missing, so the {num_folds} folds are over images "
+            "(stratified by expression): test people may also appear in training, "
+            "and the protocol is NOT subject-independent.")
+  return (f"{num_folds}-fold cross-validation (seed {seed}) over whole known subjects; "
+          "images without a subject id are spread over the folds one by one.")
 
 
 def run_config(config, variant: Variant, fold, num_folds: int):
@@ -205,7 +212,7 @@ def run_config(config, variant: Variant, fold, num_folds: int):
     c.num_folds = num_folds
     c.fold = fold
   for field, value in variant.overrides:
-    ablations_lib.set_field(c, field, value)
+    config_fields.set_field(c, field, value)
   return c
 
 
@@ -213,31 +220,19 @@ def run_dir(workdir: str, variant: Variant, fold) -> str:
   return os.path.join(workdir, variant.name, "official" if fold is None else f"fold{fold}")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flatten(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
-def reusable_metrics(config, workdir: str, eval_settings) -> dict | None:
-  """The run's metrics.json if it is finished for THIS config and these evaluation
+def reusable_metrics(config, workdir: str) -> dict | None:
+  """The run's metrics.json if it is finished for THIS config and its evaluation
   settings, else None (then it is trained on and/or evaluated again)."""
-  metrics_path = os.path.join(workdir, "eval", "metrics.json")
-  config_path = os.path.join(workdir, train.CONFIG_NAME)
-  if not (os.path.exists(metrics_path) and os.path.exists(config_path)):
+  metrics_path = workdir_lib.eval_metrics_path(workdir)
+  if not (os.path.exists(metrics_path) and os.path.exists(workdir_lib.config_path(workdir))):
     return None
-  with open(config_path) as f:
-    saved = _flatten(json.load(f))
-  now = _flatten(json.loads(config.to_json_best_effort()))
-  if any(saved.get(k) != now.get(k) for k in set(saved) | set(now) if k not in COSMETIC):
+  saved = workdir_lib.read_config(workdir, default.get_config())
+  if any(config_fields.changes_results(f) for f in config_fields.differences(saved, config)):
     return None
   with open(metrics_path) as f:
     metrics = json.load(f)
-  if metrics.get("eval_settings") != json.loads(json.dumps(eval_settings.as_dict())):
+  settings = evaluator.EvalSettings.from_config(config.eval).as_dict()
+  if metrics.get("eval_settings") != json.loads(json.dumps(settings)):
     return None
   return metrics
 
@@ -247,7 +242,7 @@ def summarize(rows: list[dict], variants: Sequence[Variant]) -> dict:
   summary = {}
   for v in variants:
     done = [r for r in rows if r["variant"] == v.name and r["status"] in ("ran", "reused")]
-    summary[v.name] = {key: evaluation.mean_std([r["metrics"].get(key) for r in done])
+    summary[v.name] = {key: eval_common.mean_std([r["metrics"].get(key) for r in done])
                        for key, _, _ in METRICS}
     summary[v.name]["folds_done"] = len(done)
   return summary
@@ -312,45 +307,30 @@ def markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
-def _write(path: str, text: str) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w") as f:
-    f.write(text)
-  os.replace(tmp, path)
-
-
 def run_protocol(config, workdir: str, *, folds: int | None = None,
                  methods: Sequence[str] = METHODS, sweep: str = "",
-                 ablations: Sequence[str] = (),
-                 eval_settings: evaluate_lib.EvalSettings | None = None,
-                 run_fn: Callable = run_lib.run,
+                 ablations: Sequence[str] = (), run_fn: Callable = run_lib.run,
                  evaluate_fn: Callable = evaluate_lib.evaluate) -> dict:
   """Runs (or reuses) every (fold, variant) and writes protocol.md/.json.
 
   Folds are the outer loop, so a protocol stopped early still has complete
-  DICE-FER/baseline comparisons on the folds it finished.
+  DICE-FER/baseline comparisons on the folds it finished. Evaluation settings
+  come from config.eval.
   """
-  eval_settings = eval_settings or evaluate_lib.EvalSettings()
+  eval_settings = evaluator.EvalSettings.from_config(config.eval)
   variants = make_variants(config, methods, sweep, ablations)
-  kind, fold_ids = fold_plan(config, folds)
+  sets = face_sets.FaceSets()   # each face set read and decoded once
+  faces = sets.get(config)
+  kind, fold_ids = fold_plan(config, faces.records, folds)
   num_folds = len(fold_ids)
   os.makedirs(workdir, exist_ok=True)
-  probe = run_config(config, variants[0], fold_ids[0], num_folds)
-  data_dir = data_lib.resolve_data_dir(probe)
-  split_note = {
-      "official": "The data's official train/test split, used once (no folds).",
-      "subject": f"Subject-held-out {num_folds}-fold cross-validation (seed "
-                 f"{config.split_seed}): every test fold holds out whole people.",
-      "stratified": f"Subject ids are missing, so the {num_folds} folds are over images "
-                    "(stratified by expression): test people may also appear in training, "
-                    "and the protocol is NOT subject-independent.",
-  }[kind]
+  split_note = _split_note(kind, num_folds, config.split_seed)
   rows = []
   total = len(fold_ids) * len(variants)
 
   def report(final: bool) -> dict:
     done = sum(r["status"] in ("ran", "reused") for r in rows)
-    rep = dict(split_kind=kind, split_note=split_note, data_dir=data_dir,
+    rep = dict(split_kind=kind, split_note=split_note, data_dir=faces.data_dir,
                folds=["official" if f is None else f for f in fold_ids],
                variants=[dict(name=v.name, method=v.method,
                               overrides={k: val for k, val in v.overrides})
@@ -359,11 +339,8 @@ def run_protocol(config, workdir: str, *, folds: int | None = None,
                eval_settings=eval_settings.as_dict(), rows=list(rows),
                summary=summarize(rows, variants), runs_done=done, runs_total=total,
                complete=final and done == total)
-    with open(os.path.join(workdir, "protocol.json.tmp"), "w") as f:
-      json.dump(rep, f, indent=2)
-    os.replace(os.path.join(workdir, "protocol.json.tmp"),
-               os.path.join(workdir, "protocol.json"))
-    _write(os.path.join(workdir, "protocol.md"), markdown(rep))
+    fileio.write_json_atomic(os.path.join(workdir, "protocol.json"), rep)
+    fileio.write_text_atomic(os.path.join(workdir, "protocol.md"), markdown(rep))
     return rep
 
   for fold in fold_ids:
@@ -374,7 +351,7 @@ def run_protocol(config, workdir: str, *, folds: int | None = None,
                  fold="official" if fold is None else fold,
                  workdir=os.path.relpath(wd, workdir), metrics={})
       start = time.time()
-      metrics = reusable_metrics(cfg, wd, eval_settings)
+      metrics = reusable_metrics(cfg, wd)
       if metrics is not None:
         row["status"] = "reused"
         print(f"[protocol] {variant.name} {row['fold']}: reusing {wd}", flush=True)
@@ -382,8 +359,8 @@ def run_protocol(config, workdir: str, *, folds: int | None = None,
         print(f"[protocol] {variant.name} {row['fold']}: training and evaluating in {wd}",
               flush=True)
         try:
-          run_fn(cfg, wd, "all")
-          metrics = evaluate_fn(wd, eval_settings)
+          run_fn(cfg, wd, "all", faces=sets.get(cfg))
+          metrics = evaluate_fn(wd, faces=sets.get(cfg))
           row["status"] = "ran"
         except train.TrainingDiverged as e:
           # A diverged run is a result (the config is unstable), not a reason to
@@ -400,21 +377,18 @@ def run_protocol(config, workdir: str, *, folds: int | None = None,
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-  if not flags.FLAGS["workdir"].value:
+  if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: where every run and the table go")
-  if flags.FLAGS["stage"].present:
-    raise app.UsageError("--stage does not apply: the protocol trains every stage")
   logging.set_verbosity(logging.WARNING)
-  workdir = flags.FLAGS["workdir"].value
-  settings = cli.run_or_exit(evaluate_lib.settings_from_flags, _EVAL_FLAGS)
+  workdir = _WORKDIR.value
   if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
     # Every run of a protocol compiles the same programs (one config, new
     # closures): on 2 CPU cores a tiny fold's training went from 8.8 s to 3.2 s.
     jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-  rep = cli.run_or_exit(run_protocol, flags.FLAGS["config"].value, workdir,
-                        folds=_FOLDS.value, methods=_METHODS.value, sweep=_SWEEP.value,
-                        ablations=_ABLATIONS.value, eval_settings=settings)
+  rep = cli.run_or_exit(run_protocol, _CONFIG.value, workdir, folds=_FOLDS.value,
+                        methods=_METHODS.value, sweep=_SWEEP.value,
+                        ablations=_ABLATIONS.value)
   print(markdown(rep).split("\n## Per fold")[0])
   print(f"wrote {os.path.join(workdir, 'protocol.md')} and protocol.json")
 

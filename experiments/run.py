@@ -11,28 +11,35 @@ overridden: --config.batch_size=64 --config.loss.zeta=0.025. With no
 
 from dicefer_jax import environment  # noqa: F401  (sets XLA/TF flags; must come first)
 
-import os
-
 from absl import app
 from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
 from dicefer_jax import data as data_lib
 from dicefer_jax import train
+from dicefer_jax import workdir as workdir_lib
 from experiments import cli
+from experiments import face_sets
+from experiments.configs import default
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/default.py", "Training config file.",
-    lock_config=True)
+_CONFIG = cli.define_config_file(
+    "config", "experiments/configs/default.py", "Training config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, metrics.")
 _STAGE = flags.DEFINE_string("stage", "all", "1, 2, 3 or all.")
 
 
-def run(config, workdir: str, stage_flag: str) -> dict | None:
+def run(config, workdir: str, stage_flag: str,
+        faces: data_lib.FaceSet | None = None) -> dict | None:
+  """Trains the stages `stage_flag` names; returns the test summary after the last.
+
+  `faces`: the face set already loaded in this process (the protocol passes
+  it); by default the config's set is resolved and loaded here.
+  """
   stage_names = train.stages_for(config, stage_flag)
-  train.check_and_save_config(config, workdir)
-  data = data_lib.load_data(config)
+  workdir_lib.save_config(config, workdir, default.get_config())
+  if faces is None:
+    faces = face_sets.FaceSets().get(config)
+  data = data_lib.split_faces(config, faces)
   info = data.split_info
   print(f"data: {data.data_dir} | split {info.kind}: {info.num_train} train / "
         f"{info.num_test} test images | {info.note}", flush=True)
@@ -40,9 +47,9 @@ def run(config, workdir: str, stage_flag: str) -> dict | None:
   if summary is not None:
     print(f"test accuracy on held-out data ({info.kind} split): "
           f"{summary['test_accuracy']:.4f} over {summary['num_test']} images", flush=True)
-    print(f"wrote {os.path.join(workdir, 'train_metrics.json')}; checkpoints in "
-          f"{os.path.join(workdir, 'checkpoints')}; TensorBoard: tensorboard "
-          f"--logdir {os.path.join(workdir, 'tensorboard')}", flush=True)
+    print(f"wrote {workdir_lib.train_metrics_path(workdir)}; checkpoints in "
+          f"{workdir_lib.checkpoints_root(workdir)}; TensorBoard: tensorboard "
+          f"--logdir {workdir_lib.tensorboard_dir(workdir)}", flush=True)
   return summary
 
 

@@ -11,6 +11,7 @@ Note: mu and nu weight the global and local MI terms of BOTH stage 1 and stage 2
 (one `loss` block), so no_global / no_local remove that critic from both stages.
 """
 
+from dicefer_jax import config_fields
 from experiments.configs import default, demo, tiny
 
 BASES = {"default": default, "demo": demo, "tiny": tiny}
@@ -32,23 +33,12 @@ ABLATIONS = {
 }
 
 
-def set_field(config, field: str, value) -> None:
-  """Sets a dotted config field that must already exist (a typo is an error)."""
-  *parents, leaf = field.split(".")
-  node = config
-  for name in parents:
-    node = node[name]
-  if leaf not in node:
-    raise KeyError(field)
-  node[leaf] = value
-
-
 def apply(config, name: str):
   """config with the ablation `name` applied (in place); returns config."""
   if name not in ABLATIONS:
     raise ValueError(f"unknown ablation {name!r}: use one of {', '.join(ABLATIONS)}")
   for field, value in ABLATIONS[name].items():
-    set_field(config, field, value)
+    config_fields.set_field(config, field, value)
   return config
 
 

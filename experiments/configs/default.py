@@ -72,6 +72,22 @@ def get_config() -> ml_collections.ConfigDict:
   config.stage3 = ml_collections.ConfigDict(dict(num_steps=5000))
   config.baseline = ml_collections.ConfigDict(dict(num_steps=20000))
 
+  # Evaluation (experiments.evaluate, experiments.protocol): what the
+  # disentanglement metrics cost. Changing these re-evaluates, never retrains.
+  config.eval = ml_collections.ConfigDict(dict(
+      # DV critics of the modified MIG's terms (dicefer_jax.evaluation.mi_estimation).
+      mig=dict(hidden=64, num_hidden_layers=2, num_steps=300, batch_size=128,
+               learning_rate=1e-3, num_seeds=3, heldout_fraction=0.4,
+               validation_fraction=0.25, pairs_per_image=4, eval_permutations=10,
+               pca_dim=64),
+      probe_max_images=2000,     # training images of the identity-leakage probe
+      probe_test_fraction=0.5,   # share of each subject's images testing the probe
+      retrieval_k=6,             # neighbours per query in cross-subject retrieval
+      retrieval_metric="cosine",  # or "euclidean"
+      tsne_max_points=1000,      # test images in the t-SNE maps; 0 = none
+      seed=0,                    # seed of the evaluation's subsamples and splits
+  ))
+
   config.log_every = 100
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3

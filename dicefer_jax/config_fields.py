@@ -1,0 +1,115 @@
+"""Config fields by dotted name, and which of them may change inside a workdir.
+
+A workdir's checkpoints are only meaningful for the config that trained them, so
+a rerun with a different config is refused, except for the fields listed here:
+
+- COSMETIC fields change neither the model nor any number it reports (how often
+  to log or checkpoint, where caches live, whether the same split is read from
+  the PNG files or through TFDS): a finished run is reused whatever they say.
+- EXTENDABLE fields change results but not what a checkpoint means: a stage's
+  `num_steps` may grow (training continues) in the same workdir.
+- EVALUATION fields (`eval.*`) never touch training; a finished run is
+  re-evaluated when they change, not retrained.
+
+Everything else (the model, the losses, the data and its split, seeds) is fixed
+for the life of a workdir. This module is the one place that says so; training
+and the protocol both ask it.
+
+A config saved before a field existed lacks it: `with_defaults` fills such gaps
+from today's defaults, so old workdirs still load and a missing field is not a
+change.
+"""
+
+from typing import Any
+
+import ml_collections
+
+COSMETIC = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
+            "synthetic.cache_dir", "tfds_dir", "data_source")
+EXTENDABLE = ("stage1.num_steps", "stage2.num_steps", "stage3.num_steps",
+              "baseline.num_steps")
+EVALUATION_PREFIX = "eval."
+
+
+def get_field(config, field: str) -> Any:
+  """config[a][b][c] for field 'a.b.c'; KeyError naming the field if it is missing."""
+  node = config
+  for name in field.split("."):
+    try:
+      node = node[name]
+    except (KeyError, TypeError, AttributeError):
+      raise KeyError(field) from None
+  return node
+
+
+def set_field(config, field: str, value) -> None:
+  """Sets an existing dotted field (a typo is a KeyError, not a new field)."""
+  *parents, leaf = field.split(".")
+  node = get_field(config, ".".join(parents)) if parents else config
+  if leaf not in node:
+    raise KeyError(field)
+  node[leaf] = value
+
+
+def flatten(tree, prefix: str = "") -> dict[str, Any]:
+  """{'a.b.c': value} of a nested dict or ConfigDict; tuples become lists, as in JSON."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, (dict, ml_collections.ConfigDict)):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def is_evaluation(field: str) -> bool:
+  return field.startswith(EVALUATION_PREFIX)
+
+
+def may_change_in_workdir(field: str) -> bool:
+  """Whether a workdir trained with one value of `field` may be run with another."""
+  return field in COSMETIC or field in EXTENDABLE or is_evaluation(field)
+
+
+def changes_results(field: str) -> bool:
+  """Whether a different value of `field` can change any reported number."""
+  return field not in COSMETIC
+
+
+def differences(a, b) -> list[str]:
+  """Sorted dotted names of the fields whose values differ between two configs."""
+  fa, fb = flatten(a), flatten(b)
+  return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
+
+
+def with_defaults(saved: dict, defaults: ml_collections.ConfigDict
+                  ) -> ml_collections.ConfigDict:
+  """A saved config (JSON dict) as a ConfigDict, with fields it lacks from `defaults`.
+
+  Values take the type of the default where JSON lost it (lists back to tuples).
+  Saved fields unknown to today's defaults are kept as they are.
+  """
+  config = defaults.copy_and_resolve_references()
+  with config.unlocked():
+    _overlay(config, saved)
+  return config
+
+
+def _overlay(node: ml_collections.ConfigDict, saved: dict) -> None:
+  for key, value in saved.items():
+    current = node.get(key) if key in node else None
+    if isinstance(value, dict):
+      if isinstance(current, ml_collections.ConfigDict):
+        _overlay(current, value)
+      else:
+        node[key] = ml_collections.ConfigDict(value)
+    elif isinstance(current, tuple) and isinstance(value, list):
+      node[key] = tuple(value)
+    elif key in node and current is not None and value is not None:
+      node[key] = type(current)(value) if isinstance(current, float) else value
+    else:
+      # A None default (or a new field) cannot be typed: ConfigDict would refuse
+      # a later change of type, so the field is replaced, not assigned.
+      if key in node:
+        del node[key]
+      node[key] = value
