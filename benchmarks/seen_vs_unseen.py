@@ -20,8 +20,10 @@ from absl import flags
 import numpy as np
 from ml_collections import config_flags
 
-from dicefer_jax import checkpoints, contract, models, train
-from dicefer_jax import data as data_lib
+from dicefer_jax import checkpoints, contract, fileio, models, train
+from dicefer_jax import workdir as workdir_lib
+from experiments import face_sets
+from experiments.configs import default
 
 _CONFIG = config_flags.DEFINE_config_file("config", "experiments/configs/demo.py")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where to train.", required=True)
@@ -31,7 +33,7 @@ _HOLDOUT = flags.DEFINE_float("holdout", 0.2, "Fraction of each seen subject's i
 def main(_):
   config = _CONFIG.value.copy_and_resolve_references()
   config.method = "baseline"
-  data = data_lib.load_data(config)
+  data = face_sets.FaceSets().split(config)
   rng = np.random.default_rng(config.split_seed)
   subjects = np.asarray(data.train_subjects)
   held = np.zeros(len(subjects), bool)
@@ -41,7 +43,7 @@ def main(_):
   fit = dataclasses.replace(
       data, train_images=data.train_images[~held], train_labels=data.train_labels[~held],
       train_subjects=list(subjects[~held]))
-  train.check_and_save_config(config, _WORKDIR.value)
+  workdir_lib.save_config(config, _WORKDIR.value, default.get_config())
   train.train_and_evaluate(config, _WORKDIR.value, ["baseline"], fit)
   model = models.build_model(config.model, contract.NUM_CLASSES)
   state, _ = checkpoints.restore_final(
@@ -56,8 +58,7 @@ def main(_):
       width=int(config.model.width))
   result["gap_points"] = 100 * (result["seen_accuracy"] - result["unseen_accuracy"])
   print(json.dumps(result, indent=2))
-  with open(os.path.join(_WORKDIR.value, "seen_vs_unseen.json"), "w") as f:
-    json.dump(result, f, indent=2)
+  fileio.write_json_atomic(os.path.join(_WORKDIR.value, "seen_vs_unseen.json"), result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 from typing import Sequence
 
 # Before JAX loads: XLA's YNNPACK convolution path is the slower one on CPU
-# (DESIGN.md); the user's own XLA_FLAGS win.
+# (see dicefer_jax/environment.py); the user's own XLA_FLAGS win.
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
 
 from absl import app  # pylint: disable=g-import-not-at-top

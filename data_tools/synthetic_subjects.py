@@ -21,7 +21,7 @@ AUS = (1, 2, 4, 5, 6, 7, 9, 12, 15, 16, 20, 23, 26)
 AU_INDEX = {au: i for i, au in enumerate(AUS)}
 NUM_AUS = len(AUS)
 
-# EMFACS prototypes (DESIGN.md, "Facts for the synthetic face set").
+# EMFACS prototypes: the action units of each basic expression (Ekman and Friesen).
 PROTOTYPES = {
     "neutral": (),
     "anger": (4, 5, 7, 23),

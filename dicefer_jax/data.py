@@ -13,7 +13,6 @@ import os
 import numpy as np
 
 from dicefer_jax import contract, face_images, splits
-from dicefer_jax import tfds_builder
 from dicefer_jax.errors import DataError
 
 
@@ -61,6 +60,9 @@ def _tfds_part(config, faces: FaceSet, part: str, records: list[contract.Record]
   """(images, labels, subjects) of one split read through the dicefer_faces builder,
   in the order of `records` (the files path's order), so that both sources train
   on the very same batches."""
+  # Imported here: tensorflow_datasets takes seconds to import, and only this
+  # data source needs it.
+  from dicefer_jax import tfds_builder  # pylint: disable=g-import-not-at-top
   ds = tfds_builder.load(faces.data_dir, part,
                          data_dir=config.tfds_dir or os.path.join(cache_root(config), "tfds"),
                          fold=config.fold, num_folds=config.num_folds, seed=config.split_seed)

@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from dicefer_jax import contract
+from dicefer_jax import contract, face_images
 from dicefer_jax import input_pipeline as ip
 from dicefer_jax.errors import DataError
 
@@ -52,16 +52,16 @@ def assert_standardised(x):
 
 
 # ------------------------------------------------------------------------------
-# load_images
+# face_images: decoding the contract's files (shared by the files and TFDS paths)
 
 
 def test_load_images_keeps_pixels_and_resizes(tiny_faceset):
   records = contract.read_manifest(tiny_faceset)[:5]
-  full = ip.load_images(tiny_faceset, records, 112)
+  full = face_images.load_images(tiny_faceset, records, 112)
   assert full.shape == (5, 112, 112, 1) and full.dtype == np.uint8
   first = cv2.imread(os.path.join(tiny_faceset, records[0].path), cv2.IMREAD_GRAYSCALE)
   np.testing.assert_array_equal(full[0, :, :, 0], first)
-  small = ip.load_images(tiny_faceset, records, 28)
+  small = face_images.load_images(tiny_faceset, records, 28)
   assert small.shape == (5, 28, 28, 1) and small.dtype == np.uint8
   np.testing.assert_array_equal(
       small[0, :, :, 0], cv2.resize(first, (28, 28), interpolation=cv2.INTER_AREA))
@@ -73,15 +73,15 @@ def test_load_images_names_a_corrupt_file(tiny_faceset):
   with open(bad, "wb") as f:
     f.write(b"\x89PNG\r\n\x1a\nnot really a png")
   with pytest.raises(DataError, match="cannot decode image " + re.escape(bad)):
-    ip.load_images(tiny_faceset, records, 112)
+    face_images.load_images(tiny_faceset, records, 112)
   os.remove(bad)
   with pytest.raises(DataError, match=re.escape(bad) + " does not exist"):
-    ip.load_images(tiny_faceset, records, 112)
+    face_images.load_images(tiny_faceset, records, 112)
 
 
 def test_labels_and_subjects(tiny_faceset):
   records = contract.read_manifest(tiny_faceset)
-  labels, subjects = ip.labels_and_subjects(records)
+  labels, subjects = face_images.labels_and_subjects(records)
   assert labels.dtype == np.int32 and labels.shape == (len(records),)
   assert set(labels.tolist()) == set(range(contract.NUM_CLASSES))
   assert subjects[0] == "s0"

@@ -7,11 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dicefer_jax import evaluation, mi, models, plots
+from dicefer_jax import mi, models, plots
+from dicefer_jax.evaluation import common, embedding, identity, mi_estimation, retrieval
 
 # Few seeds and the default critic otherwise: every MI test below shares one
 # compiled critic trainer (same settings, same padded shapes).
-SETTINGS = evaluation.CriticSettings(num_seeds=2)
+SETTINGS = mi_estimation.CriticSettings(num_seeds=2)
 
 
 def _grid(num_subjects=10, per_cell=2, num_classes=7):
@@ -31,7 +32,7 @@ def _gaussians(n, rho, d=2, seed=0):
 def _estimate(x, z, seed=0):
   n = len(x)
   a, b = n // 2, n // 2 + n // 6
-  return evaluation.dv_mutual_information_estimate(
+  return mi_estimation.dv_mutual_information_estimate(
       x[:a], z[:a], x[a:b], z[a:b], x[b:], z[b:], seed=seed, settings=SETTINGS)
 
 
@@ -41,31 +42,31 @@ def _estimate(x, z, seed=0):
 
 def test_pairs_share_the_expression_and_never_the_subject():
   labels, _, subjects = _grid(num_subjects=4, per_cell=3)
-  m, n = evaluation.same_expression_pairs(labels, subjects, pairs_per_image=3, seed=0)
+  m, n = mi_estimation.same_expression_pairs(labels, subjects, pairs_per_image=3, seed=0)
   assert len(m) == 3 * len(labels)
   assert np.all(labels[m] == labels[n])
   assert all(subjects[i] != subjects[j] for i, j in zip(m, n))
   # Restricted to a subset: both ends stay inside it.
   subset = np.arange(0, len(labels), 2)
-  m, n = evaluation.same_expression_pairs(labels, subjects, pairs_per_image=2, seed=0,
+  m, n = mi_estimation.same_expression_pairs(labels, subjects, pairs_per_image=2, seed=0,
                                           indices=subset)
   assert set(m) | set(n) <= set(subset)
 
 
 def test_pairs_of_unknown_subjects_exclude_only_the_image_itself():
   labels = np.array([0, 0, 0, 1, 1])
-  m, n = evaluation.same_expression_pairs(labels, [""] * 5, pairs_per_image=5, seed=0)
+  m, n = mi_estimation.same_expression_pairs(labels, [""] * 5, pairs_per_image=5, seed=0)
   assert np.all(m != n) and np.all(labels[m] == labels[n])
   assert len(m) == 3 * 2 + 2 * 1
   # One known subject alone in its class: no partner at all (no fallback).
-  m, _ = evaluation.same_expression_pairs(np.array([0, 0]), ["a", "a"], pairs_per_image=1,
+  m, _ = mi_estimation.same_expression_pairs(np.array([0, 0]), ["a", "a"], pairs_per_image=1,
                                           seed=0)
   assert len(m) == 0
 
 
 def test_image_splits_partition_every_expression_and_subject():
   labels, _, subjects = _grid(num_subjects=10, per_cell=1)
-  train, val, held = evaluation.image_splits(labels, subjects, SETTINGS, seed=3)
+  train, val, held = mi_estimation.image_splits(labels, subjects, SETTINGS, seed=3)
   everything = np.concatenate([train, val, held])
   assert sorted(everything) == list(range(len(labels)))
   assert len(held) == pytest.approx(SETTINGS.heldout_fraction * len(labels), abs=3)
@@ -88,7 +89,7 @@ def test_masked_bound_on_padded_rows_equals_the_plain_dv_bound():
   plain = mi.dv_lower_bound(critic.apply(params, x, z), critic.apply(params, x, z[perm]))
   pad = lambda a: np.concatenate([a, 100 * np.ones((3, a.shape[1]), np.float32)])
   partners = np.concatenate([perm, np.zeros(3, int)])[None]
-  masked = evaluation._masked_dv_bound(critic, params, pad(x), pad(z), jnp.asarray(partners),
+  masked = mi_estimation._masked_dv_bound(critic, params, pad(x), pad(z), jnp.asarray(partners),
                                        np.arange(8) < 5)
   np.testing.assert_allclose(masked, plain, rtol=1e-5, atol=1e-6)
 
@@ -116,7 +117,7 @@ def test_mig_is_high_for_expression_codes_and_drops_when_they_carry_identity():
   rng = np.random.default_rng(0)
   z_exp = np.eye(7)[labels] + 0.1 * rng.normal(size=(len(labels), 7))
   z_id = np.eye(10)[subject_idx] + 0.1 * rng.normal(size=(len(labels), 10))
-  clean = evaluation.modified_mig(labels, subjects, z_exp=z_exp, z_id=z_id,
+  clean = mi_estimation.modified_mig(labels, subjects, z_exp=z_exp, z_id=z_id,
                                   feature=z_exp, settings=SETTINGS)
   # The pair shares the expression (log 7 = 1.95 nats at most); z_exp and z_id
   # are independent by construction.
@@ -133,7 +134,7 @@ def test_mig_is_high_for_expression_codes_and_drops_when_they_carry_identity():
   assert clean["cross_subject_pairs"]
 
   leaky_exp = np.concatenate([z_exp, z_id], axis=1)
-  leaky = evaluation.modified_mig(labels, subjects, z_exp=leaky_exp, z_id=z_id,
+  leaky = mi_estimation.modified_mig(labels, subjects, z_exp=leaky_exp, z_id=z_id,
                                   feature=leaky_exp, settings=SETTINGS)
   assert leaky["terms"]["exp_id"]["mean"] > 1.0, leaky
   assert leaky["mean"] < clean["mean"] - 0.5
@@ -142,7 +143,7 @@ def test_mig_is_high_for_expression_codes_and_drops_when_they_carry_identity():
 def test_mig_without_codes_is_null_with_the_reason_and_keeps_the_feature_term():
   labels, _, subjects = _grid(num_subjects=10, per_cell=2)
   feature = np.random.default_rng(0).normal(size=(len(labels), 16))
-  result = evaluation.modified_mig(
+  result = mi_estimation.modified_mig(
       labels, subjects, feature=feature, settings=SETTINGS,
       missing=dict(z_exp="no expression code here", z_id="no identity encoder here"))
   assert result["mean"] is None and result["per_seed"] is None
@@ -153,7 +154,7 @@ def test_mig_without_codes_is_null_with_the_reason_and_keeps_the_feature_term():
 
 def test_mig_on_too_few_images_is_null_not_an_error():
   labels = np.array([0, 0, 1, 1])
-  result = evaluation.modified_mig(labels, ["a", "b", "a", "b"], z_exp=np.eye(4),
+  result = mi_estimation.modified_mig(labels, ["a", "b", "a", "b"], z_exp=np.eye(4),
                                    z_id=np.eye(4), feature=np.eye(4), settings=SETTINGS)
   assert result["mean"] is None and "too few" in result["reason"]
 
@@ -164,7 +165,7 @@ def test_mig_on_too_few_images_is_null_not_an_error():
 
 def test_split_within_subjects_keeps_every_subject_and_matches_expressions():
   labels, _, subjects = _grid(num_subjects=5, per_cell=2)
-  train, test = evaluation.split_within_subjects(subjects, labels, 0.5, seed=0)
+  train, test = identity.split_within_subjects(subjects, labels, 0.5, seed=0)
   assert not set(train) & set(test) and len(train) + len(test) == len(labels)
   subjects = np.array(subjects)
   for s in set(subjects):
@@ -176,7 +177,7 @@ def test_split_within_subjects_keeps_every_subject_and_matches_expressions():
 
 def test_codes_that_copy_the_subject_leak_identity_completely():
   labels, subject_idx, subjects = _grid(num_subjects=10, per_cell=2)
-  result = evaluation.identity_probe(np.eye(10)[subject_idx], subjects, labels)
+  result = identity.identity_probe(np.eye(10)[subject_idx], subjects, labels)
   assert result["accuracy"] >= 0.95
   assert result["chance"] == pytest.approx(0.1) and result["chance_uniform"] == 0.1
   assert result["num_subjects"] == 10 and result["num_test"] == len(labels) // 2
@@ -185,25 +186,25 @@ def test_codes_that_copy_the_subject_leak_identity_completely():
 def test_random_codes_leak_identity_only_at_chance():
   labels, _, subjects = _grid(num_subjects=10, per_cell=4)
   codes = np.random.default_rng(0).normal(size=(len(labels), 8))
-  result = evaluation.identity_probe(codes, subjects, labels)
+  result = identity.identity_probe(codes, subjects, labels)
   assert result["accuracy"] < result["chance"] + 0.1, result
 
 
 def test_expression_codes_do_not_leak_identity():
   """Pure expression codes: subjects pose the same expressions, so nothing to find."""
   labels, _, subjects = _grid(num_subjects=8, per_cell=2)
-  result = evaluation.identity_probe(np.eye(7)[labels], subjects, labels)
+  result = identity.identity_probe(np.eye(7)[labels], subjects, labels)
   assert result["accuracy"] < result["chance"] + 0.1, result
 
 
 def test_probe_without_known_subjects_is_null_with_the_reason():
-  result = evaluation.identity_probe(np.eye(4), ["", "", "", ""], np.zeros(4, int))
+  result = identity.identity_probe(np.eye(4), ["", "", "", ""], np.zeros(4, int))
   assert result["accuracy"] is None and "subject" in result["reason"]
 
 
 def test_subsample_by_subject_spreads_over_known_subjects():
   subjects = ["a"] * 50 + ["b"] * 5 + ["c"] * 50 + [""] * 10
-  idx = evaluation.subsample_by_subject(subjects, 30, seed=0)
+  idx = common.subsample_by_subject(subjects, 30, seed=0)
   picked = [subjects[i] for i in idx]
   assert len(idx) <= 30 and "" not in picked
   assert picked.count("b") == 5 and picked.count("a") == picked.count("c") == 10
@@ -215,7 +216,7 @@ def test_subsample_by_subject_spreads_over_known_subjects():
 
 def test_retrieval_of_label_codes_is_perfect():
   labels, _, subjects = _grid(num_subjects=4, per_cell=2)
-  result = evaluation.cross_subject_retrieval(np.eye(7)[labels], labels, subjects, k=6)
+  result = retrieval.cross_subject_retrieval(np.eye(7)[labels], labels, subjects, k=6)
   assert result["precision_at_k"] == 1.0
   assert result["chance"] == pytest.approx(1 / 7, abs=0.01)
   assert result["cross_subject"] and result["num_queries"] == len(labels)
@@ -225,7 +226,7 @@ def test_retrieval_of_label_codes_is_perfect():
 def test_retrieval_of_random_codes_is_at_chance(metric):
   labels, _, subjects = _grid(num_subjects=20, per_cell=5)
   codes = np.random.default_rng(0).normal(size=(len(labels), 8))
-  result = evaluation.cross_subject_retrieval(codes, labels, subjects, k=6, metric=metric)
+  result = retrieval.cross_subject_retrieval(codes, labels, subjects, k=6, metric=metric)
   assert result["precision_at_k"] == pytest.approx(1 / 7, abs=0.03)
 
 
@@ -235,10 +236,10 @@ def test_retrieval_never_returns_the_same_person():
   subjects = np.repeat(np.arange(7), 3)
   labels = subjects.copy()
   codes = np.eye(7)[subjects] + 0.01 * np.random.default_rng(0).normal(size=(21, 7))
-  result = evaluation.cross_subject_retrieval(codes, labels, [f"s{s}" for s in subjects])
+  result = retrieval.cross_subject_retrieval(codes, labels, [f"s{s}" for s in subjects])
   assert result["precision_at_k"] == 0.0 and result["chance"] == 0.0
   # Unknown subjects: only the query itself is excluded, and the same person counts.
-  unknown = evaluation.cross_subject_retrieval(codes, labels, [""] * 21, k=2)
+  unknown = retrieval.cross_subject_retrieval(codes, labels, [""] * 21, k=2)
   assert unknown["precision_at_k"] == 1.0 and not unknown["cross_subject"]
 
 
@@ -249,11 +250,11 @@ def test_retrieval_never_returns_the_same_person():
 def test_tsne_and_embedding_plots(tmp_path):
   labels, _, subjects = _grid(num_subjects=30, per_cell=1)
   codes = np.eye(7)[labels] + 0.05 * np.random.default_rng(0).normal(size=(len(labels), 7))
-  idx = evaluation.subsample(len(labels), 60, seed=0)
+  idx = common.subsample(len(labels), 60, seed=0)
   assert len(idx) == 60 and np.all(np.diff(idx) > 0)
-  points = evaluation.tsne_2d(codes[idx], seed=0)
+  points = embedding.tsne_2d(codes[idx], seed=0)
   assert points.shape == (60, 2) and np.all(np.isfinite(points))
-  assert evaluation.tsne_2d(codes[:6]).shape == (6, 2)   # perplexity capped for tiny n
+  assert embedding.tsne_2d(codes[:6]).shape == (6, 2)   # perplexity capped for tiny n
   by_expression = plots.embedding_png(points, [str(l) for l in labels[idx]],
                                       str(tmp_path / "a.png"), title="by expression")
   # 30 subjects (legend left out) and some unknown ones.

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from data_tools import tfds_builder
-from dicefer_jax import contract
+from dicefer_jax import contract, face_images, tfds_builder
 from dicefer_jax.errors import DataError
 
 
@@ -103,9 +102,29 @@ def test_bad_face_sets_fail_with_one_line(tmp_path):
   with pytest.raises(DataError, match="cannot fill 5"):
     tfds_builder.faces_config(faces)
 
+  with open(os.path.join(faces, "anger", "b.png"), "wb") as f:
+    f.write(b"\x89PNG\r\n\x1a\nnot really a png")
   contract.write_manifest(faces, [contract.Record("anger/a.png", "anger", split="train"),
-                                  contract.Record("anger/a.png", "anger", split="test")])
+                                  contract.Record("anger/b.png", "anger", split="test")])
   builder = tfds.builder("dicefer_faces", face_dir=faces,
                          data_dir=str(tmp_path / "tfds"))
-  with pytest.raises(DataError, match=r"not 112x112 uint8"):
+  with pytest.raises(DataError, match=r"cannot decode image .*b\.png"):
     builder.download_and_prepare()
+
+
+def test_faces_of_another_size_are_resized_like_the_files_path(tmp_path):
+  """Bug: the TFDS path refused a 48x48 face that training from the files resized."""
+  faces = str(tmp_path / "faces")
+  os.makedirs(os.path.join(faces, "anger"))
+  rng = np.random.default_rng(0)
+  records = []
+  for i, split in enumerate(("train", "test")):
+    # Colour and off-size: the files path turns both into 112x112 gray.
+    image = rng.integers(0, 256, (48, 60, 3), dtype=np.uint8)
+    cv2.imwrite(os.path.join(faces, "anger", f"{i}.png"), image)
+    records.append(contract.Record(f"anger/{i}.png", "anger", split=split))
+  contract.write_manifest(faces, records)
+  ds = tfds_builder.load(faces, "train", data_dir=str(tmp_path / "tfds"))
+  (example,) = _examples(ds)
+  expected = face_images.load_images(faces, records[:1], contract.IMAGE_SIZE)[0]
+  np.testing.assert_array_equal(example["image"], expected)

@@ -1,6 +1,6 @@
 """The supervised baseline: the same ResNet-18 trained with cross-entropy alone.
 
-Every DICE-FER number is measured against this model (DESIGN.md, "Evaluation"):
+Every DICE-FER number is measured against this model (docs/design.md, "Evaluation"):
 the exp_encoder trunk with a linear head on its pooled feature, trained end to end
 in one stage ("baseline", `baseline.num_steps`). Everything else (data, split,
 image size, width, optimiser, augmentation) is the starting config's, so a

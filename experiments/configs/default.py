@@ -1,4 +1,4 @@
-"""The paper's settings (DESIGN.md): ResNet-18 at 112 px, Adam 1e-4, batch 32.
+"""The paper's settings: ResNet-18 at 112 px, Adam 1e-4, batch 32 (docs/design.md).
 
 Every field can be overridden on the command line, e.g. `--config.batch_size=64`
 or `--config.loss.zeta=0.025`.
