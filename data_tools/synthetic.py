@@ -81,8 +81,8 @@ CONTACT_SHEET_NAME = "contact_sheet.png"
 INTENSITY_RANGE = (0.3, 1.0)
 
 # Temporary files of interrupted writes, by their name: fileio's (`.tmp-<pid>-
-# <hex>-<name>`), the params file's before fileio (`.synthetic.json.tmp`), and
-# contract.write_manifest's mkstemp names (`.manifest.<random>.csv`).
+# <hex>-<name>`), and those of earlier versions: the params file's
+# (`.synthetic.json.tmp`) and contract.write_manifest's (`.manifest.<random>.csv`).
 _LEGACY_PARAMS_TEMP = f".{PARAMS_NAME}.tmp"
 _MANIFEST_TEMP = re.compile(r"^\.manifest\..+\.csv$")
 

@@ -10,10 +10,11 @@ this; the TFDS builder and the tf.data pair pipeline read only this.
 
 import csv
 import dataclasses
+import io
 import os
-import tempfile
 from typing import Iterable, Sequence
 
+from dicefer_jax import fileio
 from dicefer_jax.errors import DataError
 
 # Canonical classes, in label-index order. Never reorder: labels on disk and in
@@ -110,22 +111,12 @@ def write_manifest(data_dir: str, records: Iterable[Record],
   os.makedirs(data_dir, exist_ok=True)
   fields = list(MANIFEST_FIELDS) + [f for f in extra_fields if f not in MANIFEST_FIELDS]
   manifest = os.path.join(data_dir, MANIFEST_NAME)
-  fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".csv", dir=data_dir)
-  try:
-    with os.fdopen(fd, "w", newline="") as f:
-      writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-      writer.writeheader()
-      for r in records:
-        row = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
-        expression_index(row["expression"])
-        writer.writerow(row)
-    # mkstemp creates 0600 files; give the manifest the permissions of the user's umask.
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, manifest)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
+  text = io.StringIO(newline="")
+  writer = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+  writer.writeheader()
+  for r in records:
+    row = dataclasses.asdict(r) if dataclasses.is_dataclass(r) else dict(r)
+    expression_index(row["expression"])
+    writer.writerow(row)
+  fileio.write_text_atomic(manifest, text.getvalue())
   return manifest

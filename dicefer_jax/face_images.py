@@ -12,6 +12,7 @@ from typing import Sequence
 import cv2
 import numpy as np
 
+from dicefer_jax import fileio
 from dicefer_jax.contract import IMAGE_SIZE, Record
 from dicefer_jax.errors import DataError
 
@@ -75,7 +76,7 @@ def load_images(data_dir: str, records: Sequence[Record],
     out[i, :, :, 0] = decode_face(os.path.join(data_dir, records[i].path), size)
 
   # cv2 releases the GIL while decoding, so a few threads overlap file IO.
-  workers = max(1, min(8, os.cpu_count() or 1))
+  workers = min(8, fileio.default_workers())
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     # list() re-raises the first worker error here, in record order.
     list(pool.map(load, range(len(records))))
