@@ -22,12 +22,6 @@ from experiments import cli
 from experiments import face_sets
 from experiments.configs import default
 
-_CONFIG = cli.define_config_file(
-    "config", "experiments/configs/default.py", "Training config file.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs, metrics.")
-_STAGE = flags.DEFINE_string("stage", "all", "1, 2, 3 or all.")
-
-
 def run(config, workdir: str, stage_flag: str,
         faces: data_lib.FaceSet | None = None) -> dict | None:
   """Trains the stages `stage_flag` names; returns the test summary after the last.
@@ -63,4 +57,11 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Defined only when this module is the program: experiments.protocol imports
+  # `run` and defines flags of the same names.
+  _CONFIG = cli.define_config_file(
+      "config", "experiments/configs/default.py", "Training config file.")
+  _WORKDIR = flags.DEFINE_string("workdir", None,
+                                 "Directory for checkpoints, logs, metrics.")
+  _STAGE = flags.DEFINE_string("stage", "all", "1, 2, 3 or all.")
   app.run(main, flags_parser=cli.parse_flags)
