@@ -106,11 +106,13 @@ def stale_reason(workdir: str, stage: str, prerequisite: str | None) -> str | No
 def set_aside(workdir: str, stage: str) -> str:
   """Moves a stage's checkpoints under checkpoints/superseded/ (nothing is deleted);
   returns where they went."""
-  target = os.path.join(workdir_lib.superseded_dir(workdir),
-                        f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
-  suffix = 1
+  base = os.path.join(workdir_lib.superseded_dir(workdir),
+                      f"{stage}-{time.strftime('%Y%m%d-%H%M%S')}")
+  # Suffixes go on `base`: cutting the path at a '~' would cut at one in the
+  # workdir's own name (runs/zeta~0.01) and move the checkpoints out of it.
+  target, suffix = base, 1
   while os.path.exists(target):
-    target = f"{target.rsplit('~', 1)[0]}~{suffix}"
+    target = f"{base}~{suffix}"
     suffix += 1
   os.makedirs(os.path.dirname(target), exist_ok=True)
   os.rename(stage_dir(workdir, stage), target)

@@ -45,8 +45,12 @@ def get_field(config, field: str) -> Any:
 def set_field(config, field: str, value) -> None:
   """Sets an existing dotted field (a typo is a KeyError, not a new field)."""
   *parents, leaf = field.split(".")
-  node = get_field(config, ".".join(parents)) if parents else config
-  if leaf not in node:
+  try:
+    node = get_field(config, ".".join(parents)) if parents else config
+  except KeyError:
+    raise KeyError(field) from None  # the whole field, not just its missing parent
+  # A parent that is a leaf is no field either (`"ice" in "dicefer"` is True).
+  if not isinstance(node, (dict, ml_collections.ConfigDict)) or leaf not in node:
     raise KeyError(field)
   node[leaf] = value
 

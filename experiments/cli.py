@@ -14,26 +14,42 @@ from dicefer_jax.errors import UserError
 _MACHINERY = (os.sep + "ml_collections" + os.sep, os.sep + "absl" + os.sep)
 
 
-def _one_line(error: Exception, strip_quotes: bool = False) -> str:
+def _one_line(error: Exception) -> str:
   text = str(error).strip()
-  if strip_quotes:  # KeyError/AttributeError repr their argument
-    text = text.strip("\"'")
   return text.splitlines()[0] if text else type(error).__name__
 
 
 def _config_file_frame(error: Exception):
-  """The innermost frame of the error's traceback inside a config file's
-  `get_config` (or a function it called), or None when it arose in the flag
-  machinery itself."""
+  """The innermost frame of the error's traceback inside a config file (its
+  `get_config`, a function it called, or its module-level code), or None when it
+  arose in the flag machinery itself."""
   frames = traceback.extract_tb(error.__traceback__)
-  inside = False
+  called_by_machinery = inside = False
   found = None
   for frame in frames:
-    if frame.name == "get_config" and not any(m in frame.filename for m in _MACHINERY):
+    machinery = any(m in frame.filename for m in _MACHINERY)
+    called_by_machinery = called_by_machinery or machinery
+    # "<module>": the config file's top level, run when ml_collections loads it;
+    # only below the machinery, since the caller's own frames come first.
+    if (called_by_machinery and not machinery
+        and frame.name in ("get_config", "<module>")):
       inside = True
-    if inside and not any(m in frame.filename for m in _MACHINERY):
+    if inside and not machinery:
       found = frame
   return found
+
+
+def _missing_key(error: Exception) -> str:
+  """The field name of ml_collections' AttributeError/KeyError for a missing field.
+
+  It wraps a KeyError in an AttributeError, and a near-miss's KeyError text has
+  a second, 'Did you mean' line: str() of either is an escaped repr, not the name.
+  """
+  arg = error
+  while isinstance(arg, BaseException) and arg.args:
+    arg = arg.args[0]
+  text = str(arg).strip()
+  return text.splitlines()[0].strip("\"'") if text else type(error).__name__
 
 
 def _overrides(argv) -> list[str]:
@@ -65,7 +81,7 @@ def _flag_errors_as_one_line(argv):
       _exit(f"config file {os.path.basename(frame.filename)}: {type(e).__name__}: "
             f"{_one_line(e)} (at {frame.filename}:{frame.lineno})")
     if isinstance(e, (AttributeError, KeyError)):
-      key = _one_line(e, strip_quotes=True)
+      key = _missing_key(e)
       named = [o for o in _overrides(argv) if key in o.split(".")]
       field = named[0] if named else key
       _exit(f"config field {field!r} does not exist: list the fields with "
@@ -89,6 +105,12 @@ def define_config_file(name: str, default: str, help_string: str):
   """
   with _flag_errors_as_one_line(sys.argv):
     return config_flags.DEFINE_config_file(name, default, help_string, lock_config=True)
+
+
+def define_config_dict(name: str, config, help_string: str):
+  """config_flags.DEFINE_config_dict, whose override errors are one line too."""
+  with _flag_errors_as_one_line(sys.argv):
+    return config_flags.DEFINE_config_dict(name, config, help_string, lock_config=True)
 
 
 def _exit(message: str):

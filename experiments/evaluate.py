@@ -103,19 +103,24 @@ def summary_line(result: dict) -> str:
           f"retrieval@{ret['k']} {fmt(ret['precision_at_k'])} (chance {fmt(ret['chance'])})")
 
 
+def _eval_overrides(overrides: dict) -> dict:
+  """{"mig.num_seeds": 5, ...} from the --config.eval.* flags; refuses any other."""
+  others = [f for f in overrides if not config_fields.is_evaluation(f)]
+  if others:
+    raise UserError(f"--config.{others[0]}: evaluate takes only --config.eval.* "
+                    "overrides; everything else comes from the workdir's config.json")
+  return {f[len(config_fields.EVALUATION_PREFIX):]: v for f, v in overrides.items()}
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
-  overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  others = [f for f in overrides if not config_fields.is_evaluation(f)]
-  if others:
-    raise app.UsageError(f"--config.{others[0]}: evaluate takes only --config.eval.* "
-                         "overrides; everything else comes from the workdir's config.json")
   logging.set_verbosity(logging.WARNING)
-  eval_overrides = {f[len(config_fields.EVALUATION_PREFIX):]: v for f, v in overrides.items()}
-  result = cli.run_or_exit(evaluate, _WORKDIR.value, eval_overrides)
+  overrides = config_flags.get_override_values(flags.FLAGS["config"])
+  result = cli.run_or_exit(evaluate, _WORKDIR.value, cli.run_or_exit(
+      _eval_overrides, overrides))
   print(f"{result['method']} on {result['num_examples']} test images "
         f"({result['split']['kind']} split): {summary_line(result)}")
   print(f"wrote {workdir_lib.eval_metrics_path(_WORKDIR.value)} and its plots")
@@ -125,6 +130,6 @@ if __name__ == "__main__":
   # Defined only when this module is the program: experiments.protocol imports
   # `evaluate` and has flags of the same names.
   _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.run.")
-  config_flags.DEFINE_config_dict("config", default.get_config(),
-                                  "Only --config.eval.* overrides apply here.")
+  cli.define_config_dict("config", default.get_config(),
+                         "Only --config.eval.* overrides apply here.")
   app.run(main, flags_parser=cli.parse_flags)
