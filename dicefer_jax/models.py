@@ -197,11 +197,16 @@ class DiceferModel(NamedTuple):
 
 
 def build_model(model_config, num_classes: int) -> DiceferModel:
-  """Module definitions from the `model` block of a config."""
+  """Module definitions from the `model` block of a config.
+
+  Every field is read directly: the defaults live in experiments/configs/default.py
+  only, so a config that lacks one fails here instead of quietly using a second
+  default.
+  """
   c = model_config
-  dtype = jnp.bfloat16 if c.get("half_precision", False) else jnp.float32
+  dtype = jnp.bfloat16 if c.half_precision else jnp.float32
   encoder = lambda dim: ResNet18Encoder(dim, c.width, c.local_stage, dtype,
-                                       c.get("normalize_code", False))
+                                       c.normalize_code)
   global_critic = GlobalCritic(c.critic_hidden)
   local_critic = LocalCritic(c.critic_hidden)
   return DiceferModel(

@@ -8,8 +8,27 @@ import numpy as np  # noqa: E402
 
 
 def confusion_matrix_png(confusion, class_names, path: str, title: str = "") -> str:
-  """Row-normalised confusion matrix with the counts written in each cell."""
+  """Row-normalised confusion matrix with the counts written in each cell.
+
+  Args:
+    confusion: (k, k) counts, rows the true class, columns the predicted one.
+    class_names: the k class names, in the order of the rows.
+    path: PNG to write.
+    title: figure title ("confusion matrix" when empty).
+
+  Returns:
+    `path`.
+
+  Raises:
+    ValueError: `confusion` is not square or does not match `class_names`.
+  """
   confusion = np.asarray(confusion)
+  k = len(class_names)
+  if confusion.shape != (k, k):
+    # Checked here: a smaller matrix would fail deep in the cell loop, a larger
+    # one would silently lose its last classes.
+    raise ValueError(f"confusion matrix of shape {confusion.shape} does not match "
+                     f"{k} class names: want ({k}, {k})")
   norm = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
   fig, ax = plt.subplots(figsize=(6.5, 5.5))
   im = ax.imshow(norm, vmin=0, vmax=1, cmap="Blues")
@@ -43,9 +62,20 @@ def embedding_png(points, categories, path: str, title: str = "", order=None,
       not in it follow, sorted.
     max_legend: above this many categories the legend is left out (a legend of
       60 subjects hides the plot); colours then only tell neighbours apart.
+
+  Returns:
+    `path`.
+
+  Raises:
+    ValueError: `points` is not (n, 2), or `categories` does not have n names.
   """
   points = np.asarray(points)
   categories = np.asarray([str(c) for c in categories], dtype=object)
+  if points.ndim != 2 or points.shape[1] != 2:
+    raise ValueError(f"embedding points of shape {points.shape}: want (n, 2)")
+  if len(categories) != len(points):
+    raise ValueError(f"{len(categories)} categories for {len(points)} points: want "
+                     "one category per point")
   present = set(categories) - {""}
   order = [c for c in (order or ()) if c in present]
   known = order + sorted(present - set(order))

@@ -9,6 +9,7 @@ A step is `step(state, batch) -> (state, metrics)`; randomness comes from
 `fold_in(state.rng, state.step)`, so a step is a pure function of its inputs.
 """
 
+import numbers
 from typing import Any, Callable, Mapping
 
 import chex
@@ -18,6 +19,7 @@ import jax.numpy as jnp
 import optax
 
 from dicefer_jax import mi
+from dicefer_jax.errors import UserError
 from dicefer_jax.models import DiceferModel
 
 # What each stage trains, by optimizer. Everything else is frozen in that stage.
@@ -41,17 +43,22 @@ class StageState(flax.struct.PyTreeNode):
 
 
 def make_optimizers(train_config, stage: str) -> dict[str, optax.GradientTransformation]:
-  """Adam per optimizer of the stage, with optional global-norm clipping."""
+  """Adam per optimizer of the stage, with optional global-norm clipping.
+
+  Reads every field it uses from `train_config` directly: the defaults live in
+  experiments/configs/default.py only, so a missing field is an error here rather
+  than a second, silently diverging default.
+  """
   def adam(lr):
     chain = []
-    if train_config.get("grad_clip_norm", 0.0):
+    if train_config.grad_clip_norm:  # 0 = no clipping
       chain.append(optax.clip_by_global_norm(train_config.grad_clip_norm))
     chain.append(optax.adam(lr, b1=train_config.adam_b1, b2=train_config.adam_b2))
     return optax.chain(*chain)
   optimizers = {"main": adam(train_config.learning_rate)}
   if stage == "stage2":
-    optimizers["disc"] = adam(train_config.get("disc_learning_rate") or
-                              train_config.learning_rate)
+    # disc_learning_rate 0 = the same as learning_rate.
+    optimizers["disc"] = adam(train_config.disc_learning_rate or train_config.learning_rate)
   return optimizers
 
 
@@ -149,6 +156,16 @@ def make_stage1_step(model: DiceferModel, loss_config, optimizers) -> Callable:
   return step
 
 
+def _check_disc_steps(disc_steps) -> None:
+  """Refuses a discriminator update count that is not an integer >= 1."""
+  # bool is an Integral too, but `disc_steps=True` is a typo, not a count.
+  if (isinstance(disc_steps, bool) or not isinstance(disc_steps, numbers.Integral)
+      or disc_steps < 1):
+    raise UserError(
+        f"--config.train.disc_steps={disc_steps!r}: use an integer >= 1, the number "
+        "of discriminator updates per encoder update in stage 2 (default 1)")
+
+
 def make_stage2_step(model: DiceferModel, loss_config, optimizers,
                      disc_steps: int = 1) -> Callable:
   """Stage 2: learn E_id with E_exp frozen; D adversarially removes I(z_exp; z_id).
@@ -158,8 +175,20 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
     D minimises BCE(D(z_exp, z_id) -> joint) + BCE(D(z_exp, z_id') -> shuffled)
   where fool(D) is D's loss with the labels flipped (the non-saturating form: the
   encoder's gradient does not vanish when D is confident). D and E_id are updated
-  from the same forward pass; `disc_steps` extra D updates reuse its codes.
+  from the same forward pass: after E_id's one update, D takes `disc_steps`
+  updates in total (not extra ones), all on the codes of that pass. The disc_*
+  metrics are those of the last D update, measured before it is applied.
+
+  Args:
+    model: the module definitions.
+    loss_config: the `loss` block of a config (mu, nu, zeta).
+    optimizers: {"main": E_id and its critics, "disc": D}, from `make_optimizers`.
+    disc_steps: discriminator updates per encoder update, an integer >= 1.
+
+  Raises:
+    UserError: `disc_steps` is not an integer >= 1.
   """
+  _check_disc_steps(disc_steps)
   c = loss_config
   tx_main, tx_disc = optimizers["main"], optimizers["disc"]
 
@@ -211,6 +240,7 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
 
     disc_params = _subset(state.params, TRAINABLE["stage2"]["disc"])
     disc_opt = state.opt_state["disc"]
+    # Unrolled: disc_steps is small, and each update is a few tiny matmuls.
     for _ in range(disc_steps):
       (disc_loss, (acc_joint, acc_shuffled)), disc_grads = jax.value_and_grad(
           disc_loss_fn, has_aux=True)(disc_params)

@@ -3,8 +3,10 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dicefer_jax import models
+from experiments.configs import tiny
 
 # torchvision resnet18: 11,689,512 parameters; minus fc (512*1000 + 1000) and the
 # 3-channel stem (64*3*7*7), plus a 1-channel stem (64*1*7*7).
@@ -38,6 +40,18 @@ def test_max_pool_matches_flax_reduce_window():
   np.testing.assert_array_equal(np.asarray(ours), np.asarray(ref))
 
 
+def _dense(params, x):
+  """A Dense or 1x1 Conv layer applied by hand, in float64."""
+  kernel = np.asarray(params["kernel"], np.float64)
+  return x @ kernel.reshape(-1, kernel.shape[-1]) + np.asarray(params["bias"], np.float64)
+
+
+def _mlp_by_hand(params, h, num_hidden_layers):
+  for i in range(num_hidden_layers):
+    h = np.maximum(_dense(params[f"hidden{i + 1}"], h), 0.0)
+  return _dense(params["score"], h)[..., 0]
+
+
 def test_global_critic_defaults_and_shapes():
   critic = models.GlobalCritic()
   x, z = jnp.ones((5, 7)), jnp.ones((5, 3))
@@ -49,15 +63,46 @@ def test_global_critic_defaults_and_shapes():
   assert critic.apply(v2, jnp.ones((3, 2)), jnp.ones((3, 2))).shape == (3,)
 
 
+def test_global_critic_is_an_mlp_on_x_and_z():
+  """Catches a critic that drops x or z, or mixes items of the batch."""
+  critic = models.GlobalCritic(hidden=16, num_hidden_layers=2)
+  kx, kz, kinit = jax.random.split(jax.random.PRNGKey(2), 3)
+  x, z = jax.random.normal(kx, (4, 6)), jax.random.normal(kz, (4, 3))
+  params = critic.init(kinit, x, z)["params"]
+  scores = np.asarray(critic.apply({"params": params}, x, z))
+  expected = _mlp_by_hand(params, np.concatenate([x, z], -1).astype(np.float64), 2)
+  np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-5)
+  assert np.ptp(scores) > 1e-3  # not a constant: the check above has teeth
+
+
 def test_local_critic_scores_each_position_and_averages():
-  critic = models.LocalCritic(hidden=8)
-  fmap, z = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 6)), jnp.ones((3, 5))
-  variables = critic.init(jax.random.PRNGKey(1), fmap, z)
-  scores = critic.apply(variables, fmap, z)
+  """Catches a critic that ignores C or z, mixes positions or items, or sums
+  instead of averaging: scores equal the mean over positions of a per-position
+  MLP on concat[C[b, i, j], z[b]], computed by hand from the module's parameters."""
+  critic = models.LocalCritic(hidden=8, num_hidden_layers=2)
+  kf, kz, kinit = jax.random.split(jax.random.PRNGKey(0), 3)
+  fmap, z = jax.random.normal(kf, (3, 4, 5, 6)), jax.random.normal(kz, (3, 5))
+  params = critic.init(kinit, fmap, z)["params"]
+  score = lambda f, zz: np.asarray(critic.apply({"params": params}, f, zz))
+  scores = score(fmap, z)
   assert scores.shape == (3,)
-  # Permuting positions does not change a mean over positions.
-  flipped = fmap[:, ::-1, ::-1, :]
-  np.testing.assert_allclose(critic.apply(variables, flipped, z), scores, rtol=1e-5)
+
+  tiled = np.broadcast_to(np.asarray(z)[:, None, None, :], (3, 4, 5, 5))
+  inputs = np.concatenate([np.asarray(fmap), tiled], -1).astype(np.float64)
+  per_position = _mlp_by_hand(params, inputs, 2)
+  assert per_position.shape == (3, 4, 5)
+  np.testing.assert_allclose(scores, per_position.mean(axis=(1, 2)), rtol=1e-4, atol=1e-5)
+
+  # Each input matters, item by item: a new z for item 0 moves only item 0's score,
+  # and so does a change at one position of item 0's map.
+  moved = score(fmap, z.at[0].add(1.0))
+  assert abs(moved[0] - scores[0]) > 1e-4
+  np.testing.assert_array_equal(moved[1:], scores[1:])
+  moved = score(fmap.at[0, 2, 3].add(3.0), z)
+  assert abs(moved[0] - scores[0]) > 1e-5
+  np.testing.assert_array_equal(moved[1:], scores[1:])
+  # A mean over positions does not depend on their order.
+  np.testing.assert_allclose(score(fmap[:, ::-1, ::-1, :], z), scores, rtol=1e-5)
 
 
 def test_build_and_init_every_module(tiny_config):
@@ -70,3 +115,23 @@ def test_build_and_init_every_module(tiny_config):
   d = model.discriminator.apply({"params": params["discriminator"]},
                                 jnp.ones((2, 8)), jnp.ones((2, 8)))
   assert d.shape == (2,)
+
+
+def test_build_model_honours_normalize_code_and_half_precision():
+  """Catches build_model ignoring a model field (and using a default of its own)."""
+  model = models.build_model(tiny.get_config().model, 7)
+  assert not model.exp_encoder.normalize_code and model.exp_encoder.dtype == jnp.float32
+  config = tiny.get_config().model
+  config.normalize_code, config.half_precision = True, True
+  model = models.build_model(config, 7)
+  for encoder in (model.exp_encoder, model.id_encoder):
+    assert encoder.normalize_code and encoder.dtype == jnp.bfloat16
+
+
+def test_build_model_has_no_defaults_of_its_own():
+  """Catches a `.get(field, default)` fallback that would shadow default.py."""
+  for field in ("normalize_code", "half_precision"):
+    config = tiny.get_config().model
+    delattr(config, field)
+    with pytest.raises((AttributeError, KeyError)):
+      models.build_model(config, 7)
