@@ -22,6 +22,7 @@ from experiments import cli
 from experiments import face_sets
 from experiments.configs import default
 
+
 def run(config, workdir: str, stage_flag: str,
         faces: data_lib.FaceSet | None = None) -> dict | None:
   """Trains the stages `stage_flag` names; returns the test summary after the last.
