@@ -22,8 +22,6 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGES = ("dicefer_jax", "data_tools", "experiments")
 # Which of our packages each package must not import.
