@@ -17,50 +17,25 @@ from typing import Any, Callable, Sequence
 
 import cv2
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
 
-from data_tools.face_quality import decide
+from data_tools.face_quality import detect_and_align
 from data_tools.face_quality import ERROR
 from data_tools.face_quality import KEPT
 from data_tools.face_quality import MISSING
 from data_tools.face_quality import REJECTED
 from data_tools.face_quality import Settings
 from data_tools.face_quality import TOO_SMALL
+from data_tools.face_quality import make_detector
 from data_tools.face_quality import UNREADABLE
 from dicefer_jax import face_detector
 from dicefer_jax import fileio
 from dicefer_jax.errors import UserError
-from dicefer_jax.face_alignment import align_face
+# Photos are decoded by the library, as a predictor decodes them.
+from dicefer_jax.face_images import read_image  # pylint: disable=unused-import
+from dicefer_jax.face_images import UnreadableImage
 
 # (input photo, output face set, face path relative to it).
 Task = tuple[str, str, str]
-
-
-class UnreadableImage(Exception):
-  """A file that is not a decodable image (truncated, not an image, ...)."""
-
-
-def read_image(path: str) -> np.ndarray:
-  """Decodes an image file to uint8 RGB (H, W, 3), honouring EXIF rotation.
-
-  Pillow, not cv2.imread: OpenCV returns a half-grey picture for a truncated
-  JPEG with only a warning, Pillow raises.
-
-  Raises:
-    UnreadableImage: with a one-line reason.
-  """
-  try:
-    with Image.open(path) as image:
-      image.load()
-      image = ImageOps.exif_transpose(image)
-      rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
-  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-    message = " ".join(str(e).split()) or type(e).__name__
-    raise UnreadableImage(message) from None
-  if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
-    raise UnreadableImage(f"empty image {rgb.shape}")
-  return rgb
 
 
 # --------------------------------------------------------------------------
@@ -94,10 +69,8 @@ def _exit_with_parent(parent_pid: int) -> None:
 def _worker_detector() -> face_detector.MTCNNDetector:
   """This process's MTCNN, built once."""
   if "detector" not in _worker_state:
-    settings = _worker_state["settings"]
-    _worker_state["detector"] = face_detector.MTCNNDetector(
-        min_face_size=settings.detector_min_face, device=settings.device,
-        torch_threads=_worker_state.get("torch_threads"))
+    _worker_state["detector"] = make_detector(
+        _worker_state["settings"], torch_threads=_worker_state.get("torch_threads"))
   return _worker_state["detector"]
 
 
@@ -141,11 +114,11 @@ def process_one(input_path: str, output_dir: str, out_rel: str) -> dict[str, str
       return {**result, "status": REJECTED, "reason": TOO_SMALL,
               "detail": f"image {image.shape[1]}x{image.shape[0]} is smaller than "
                         f"--min_face_size={settings.min_face_size}"}
-    decision = decide(*_worker_detector().detect(image), settings)
+    # The library's detect -> pick -> align, the same path a Predictor uses.
+    decision, face = detect_and_align(_worker_detector(), image, settings)
     if decision.status != KEPT:
       return {**result, "status": REJECTED, "reason": decision.reason,
               "detail": decision.detail}
-    face = align_face(image, decision.landmarks)
     _write_png_atomic(os.path.join(output_dir, out_rel), face)
     return {**result, "status": KEPT, "output": out_rel, "detail": decision.detail}
   except UserError:

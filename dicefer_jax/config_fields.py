@@ -86,6 +86,22 @@ def differences(a, b) -> list[str]:
   return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
+def from_saved(saved: dict) -> ml_collections.ConfigDict:
+  """A saved config (JSON dict) as a ConfigDict, exactly as saved.
+
+  The configs hold tuples and no lists, so every JSON list becomes a tuple
+  again. For a reader that has no defaults to hand (a library caller such as
+  `dicefer_jax.Predictor`); entry points use `with_defaults`.
+  """
+  def untuple(value):
+    if isinstance(value, dict):
+      return {k: untuple(v) for k, v in value.items()}
+    if isinstance(value, list):
+      return tuple(untuple(v) for v in value)
+    return value
+  return ml_collections.ConfigDict(untuple(saved))
+
+
 def with_defaults(saved: dict, defaults: ml_collections.ConfigDict
                   ) -> ml_collections.ConfigDict:
   """A saved config (JSON dict) as a ConfigDict, with fields it lacks from `defaults`.

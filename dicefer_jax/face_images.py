@@ -11,10 +11,39 @@ from typing import Sequence
 
 import cv2
 import numpy as np
+from PIL import Image
+from PIL import ImageOps
 
 from dicefer_jax import fileio
 from dicefer_jax.contract import IMAGE_SIZE, Record
 from dicefer_jax.errors import DataError
+
+
+class UnreadableImage(Exception):
+  """A file that is not a decodable image (truncated, not an image, ...)."""
+
+
+def read_image(path: str) -> np.ndarray:
+  """Decodes a photo file to uint8 RGB (H, W, 3), honouring EXIF rotation.
+
+  Preprocessing and prediction read photos through this one function. Pillow,
+  not cv2.imread: OpenCV returns a half-grey picture for a truncated JPEG with
+  only a warning, Pillow raises.
+
+  Raises:
+    UnreadableImage: with a one-line reason.
+  """
+  try:
+    with Image.open(path) as image:
+      image.load()
+      image = ImageOps.exif_transpose(image)
+      rgb = np.asarray(image.convert("RGB"), dtype=np.uint8)
+  except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    message = " ".join(str(e).split()) or type(e).__name__
+    raise UnreadableImage(message) from None
+  if rgb.ndim != 3 or rgb.shape[0] < 1 or rgb.shape[1] < 1:
+    raise UnreadableImage(f"empty image {rgb.shape}")
+  return rgb
 
 
 def resize_square(image: np.ndarray, size: int) -> np.ndarray:

@@ -14,7 +14,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from dicefer_jax import checkpoints, contract, fileio, input_pipeline, models, steps
+from dicefer_jax import checkpoints, contract, fileio, models, steps
 from dicefer_jax import workdir as workdir_lib
 from dicefer_jax.data import FaceData
 from dicefer_jax.errors import UserError
@@ -103,6 +103,17 @@ def initial_state(stage: str, config, model, prev_state=None) -> steps.StageStat
                             steps.make_optimizers(config.train, stage), rng)
 
 
+def _input_pipeline():
+  """dicefer_jax.input_pipeline, imported when first needed.
+
+  It imports TensorFlow. `restore_trained` (and so `dicefer_jax.Predictor`)
+  must not: a predictor's MTCNN imports torch, and torch next to TensorFlow in
+  one process segfaults.
+  """
+  from dicefer_jax import input_pipeline  # pylint: disable=g-import-not-at-top
+  return input_pipeline
+
+
 def stage_dataset(stage: str, config, data: FaceData, start_step: int):
   """Infinite training batches for a stage. Batch b depends only on (seed, stage, b),
   so a run resumed at `start_step` sees exactly the batches an uninterrupted run would."""
@@ -112,9 +123,9 @@ def stage_dataset(stage: str, config, data: FaceData, start_step: int):
                 max_rotation_degrees=config.augment.max_rotation_degrees,
                 flip=config.augment.flip, start_step=start_step)
   if stage in steps.PAIR_STAGES:
-    return input_pipeline.pair_dataset(
+    return _input_pipeline().pair_dataset(
         data.train_images, data.train_labels, data.train_subjects, **kwargs)
-  return input_pipeline.classification_dataset(data.train_images, data.train_labels, **kwargs)
+  return _input_pipeline().classification_dataset(data.train_images, data.train_labels, **kwargs)
 
 
 class MetricWriter:
@@ -217,7 +228,7 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
 
   step_fn = jax.jit(make_step(stage, model, config, steps.make_optimizers(config.train, stage)),
                     donate_argnums=0)
-  batches = input_pipeline.as_numpy_iterator(stage_dataset(stage, config, data, start))
+  batches = _input_pipeline().as_numpy_iterator(stage_dataset(stage, config, data, start))
   images_per_step = config.batch_size * (2 if stage in steps.PAIR_STAGES else 1)
   meta = dict(stage=stage, num_steps=num_steps, method=config.method,
               lineage=checkpoints.lineage_after(workdir, prev))
@@ -281,6 +292,7 @@ def predict(config, model, state: steps.StageState, images: np.ndarray) -> dict:
   batch_stats = jax.device_put(state.batch_stats, replicated)
   labels = np.zeros(len(images), np.int32)
   outputs = []
+  input_pipeline = _input_pipeline()
   for batch in input_pipeline.as_numpy_iterator(
       input_pipeline.eval_dataset(images, labels, batch_size=config.eval_batch_size)):
     out = embed(params, batch_stats, jax.device_put(batch["image"], data_sharding))

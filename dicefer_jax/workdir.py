@@ -69,13 +69,20 @@ def _read_json(path: str) -> dict:
     return json.load(f)
 
 
-def read_config(workdir: str, defaults: ml_collections.ConfigDict
+def read_config(workdir: str, defaults: ml_collections.ConfigDict | None = None
                 ) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with; fields it predates take `defaults`."""
+  """The config a workdir was trained with; fields it predates take `defaults`.
+
+  With defaults=None the saved config is read as it is (JSON lists back to
+  tuples): the library has no defaults of its own (they live in
+  experiments/configs/default.py), so a field the workdir predates is absent.
+  """
   path = config_path(workdir)
   if not os.path.exists(path):
     raise UserError(f"{path} not found: {workdir!r} is not a training workdir; train "
                     "first with `python -m experiments.run --workdir=...`")
+  if defaults is None:
+    return config_fields.from_saved(_read_json(path))
   return config_fields.with_defaults(_read_json(path), defaults)
 
 
