@@ -19,6 +19,7 @@ from dicefer_jax import environment  # noqa: F401  (sets XLA flags; must come fi
 
 import os
 import sys
+import time
 
 from absl import app
 from absl import flags
@@ -137,6 +138,7 @@ def _video(predictor, spec, kind, annotate_dir, smooth, max_frames, show_progres
       annotation = _VideoAnnotation(target, capture.get(cv2.CAP_PROP_FPS))
   smoother = ProbabilitySmoother(smooth)
   rows = []
+  rate, last = 0.0, time.time()
   total = prediction_io.frame_count(capture, max_frames) if kind == "video" else max_frames
   try:
     with _progress(total, show_progress, "frame") as bar:
@@ -154,6 +156,12 @@ def _video(predictor, spec, kind, annotate_dir, smooth, max_frames, show_progres
         if annotation is not None:
           annotation.write(canvas)
         if show_window:
+          now = time.time()
+          rate = 0.9 * rate + 0.1 / max(now - last, 1e-6) if rate else 1.0 / max(now - last, 1e-6)
+          last = now
+          # The rate this machine keeps up with, smoothed over the last frames.
+          cv2.putText(canvas, f"{rate:.1f} frames/s", (8, canvas.shape[0] - 10),
+                      cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2, cv2.LINE_AA)
           try:
             cv2.imshow(WINDOW_NAME, canvas)
             if cv2.waitKey(1) & 0xFF == ord("q"):

@@ -249,7 +249,21 @@ for shift in (0, 4, 8):
 for _ in range(2):
   writer.write(np.full((250, 250, 3), 30, np.uint8))
 writer.release()
-predict_cli.predict(workdir, video, os.path.join(root, "clip.json"), show_progress=False)
+predict_cli.predict(workdir, video, os.path.join(root, "clip.json"), show_progress=False,
+                    annotate_dir=os.path.join(root, "annotated_video"))
+annotated = cv2.VideoCapture(os.path.join(root, "annotated_video", "clip.annotated.avi"))
+frames = []
+while True:
+  ok, frame = annotated.read()
+  if not ok:
+    break
+  frames.append(frame.astype(np.float32))
+source = cv2.VideoCapture(video)
+originals = [source.read()[1].astype(np.float32) for _ in frames]
+# How much the annotation changed each frame (JPEG noise aside): boxes and labels
+# on the face frames, nothing on the blank ones.
+report["annotated_video_change"] = [float(np.mean(np.abs(a - b) > 60))
+                                    for a, b in zip(frames, originals)]
 predict_cli.predict(workdir, video, os.path.join(root, "clip3.json"), show_progress=False,
                     smooth=3, max_frames=4)
 print("REPORT " + json.dumps(report))
@@ -331,3 +345,12 @@ def test_cli_video_has_a_row_per_frame_face_and_smooths(mtcnn_report):
   expected = np.stack([raw[0], raw[:2].mean(0), raw[:3].mean(0)])
   np.testing.assert_allclose(got, expected, atol=1e-6)
   assert not np.allclose(raw[1], raw[0], atol=1e-7)   # the frames do differ
+
+
+def test_cli_video_annotation_draws_on_face_frames_only(mtcnn_report):
+  """Catches an annotated video that is not written, drops frames, or draws
+  boxes on frames where no face was found."""
+  report, _, _ = mtcnn_report
+  change = report["annotated_video_change"]
+  assert len(change) == 5, change
+  assert all(c > 0.002 for c in change[:3]) and all(c < 0.0005 for c in change[3:]), change
