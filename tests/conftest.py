@@ -14,14 +14,12 @@ TINY_SUBJECTS = 6
 TINY_IMAGES_PER_SUBJECT = 3
 
 
-@pytest.fixture
-def tiny_faceset(tmp_path):
+def write_tiny_faceset(data_dir: str) -> str:
   """A face set on disk: 7 classes x 6 subjects x 3 random 112x112 PNGs.
 
-  Returns the directory (str); its manifest.csv follows the data contract, with
-  subjects "s0".."s5", source "tiny" and no official split.
+  Its manifest.csv follows the data contract, with subjects "s0".."s5", source
+  "tiny" and no official split. Returns data_dir.
   """
-  data_dir = str(tmp_path / "faces")
   rng = np.random.default_rng(0)
   records = []
   for expression in contract.EXPRESSIONS:
@@ -36,6 +34,29 @@ def tiny_faceset(tmp_path):
                                        subject=f"s{s}", source="tiny"))
   contract.write_manifest(data_dir, records)
   return data_dir
+
+
+@pytest.fixture
+def tiny_faceset(tmp_path):
+  """The tiny face set (`write_tiny_faceset`) in tmp_path; its directory (str)."""
+  return write_tiny_faceset(str(tmp_path / "faces"))
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory):
+  """A finished tiny DICE-FER workdir (stage 3's final checkpoint), trained once
+  per test module: prediction, serving and export only need its checkpoints,
+  so each stage takes as few steps as a finished run can have."""
+  # Imported here: conftest is loaded by every test, most of which never train.
+  from experiments import run as run_lib  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.mktemp("trained")
+  config = tiny.get_config()
+  config.data_dir = write_tiny_faceset(str(root / "faces"))
+  config.stage1.num_steps = config.stage2.num_steps = config.stage3.num_steps = 2
+  config.checkpoint_every = 2
+  workdir = str(root / "wd")
+  run_lib.run(config, workdir, "all")
+  return workdir
 
 
 @pytest.fixture

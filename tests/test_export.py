@@ -7,8 +7,8 @@ exercised. TFLite and ONNX need the `export` extra (tf2onnx, onnxruntime).
 
 import os
 import subprocess
-import sys
 import textwrap
+import sys
 
 import cv2
 import jax
@@ -19,38 +19,11 @@ from dicefer_jax import contract, export, train
 from dicefer_jax import workdir as workdir_lib
 from dicefer_jax.errors import UserError
 from dicefer_jax.predictor import Predictor, standardize
-from experiments import run as run_lib
-from experiments.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2")
 # Measured differences are ~1e-7 for every format (float32 reordering only).
 TOLERANCE = dict(saved_model=1e-4, onnx=1e-4, tflite=1e-4)
-
-
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-  """A finished tiny DICE-FER workdir (stage3 final checkpoint)."""
-  root = tmp_path_factory.mktemp("export")
-  config = tiny.get_config()
-  config.data_dir = str(root / "faces")
-  config.stage1.num_steps = config.stage2.num_steps = config.stage3.num_steps = 2
-  config.checkpoint_every = 2
-  rng = np.random.default_rng(0)
-  records = []
-  for expression in contract.EXPRESSIONS:
-    os.makedirs(os.path.join(config.data_dir, expression))
-    for s in range(6):
-      for k in range(3):
-        path = f"{expression}/s{s}_{k}.png"
-        cv2.imwrite(os.path.join(config.data_dir, path),
-                    rng.integers(0, 256, (112, 112), dtype=np.uint8))
-        records.append(contract.Record(path=path, expression=expression, subject=f"s{s}",
-                                       source="tiny"))
-  contract.write_manifest(config.data_dir, records)
-  workdir = str(root / "wd")
-  run_lib.run(config, workdir, "all")
-  return workdir
 
 
 @pytest.fixture(scope="module")

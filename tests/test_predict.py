@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 
 import cv2
 import numpy as np
@@ -21,42 +20,10 @@ from dicefer_jax import workdir as workdir_lib
 from dicefer_jax.errors import UserError
 from dicefer_jax.predictor import Predictor
 from dicefer_jax.tracking import iou, ProbabilitySmoother
-from experiments import run as run_lib
-from experiments.configs import default, tiny
+from experiments.configs import default
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2")
-
-
-def _tiny_faceset(data_dir: str) -> None:
-  # conftest's tiny_faceset, written once for the module.
-  rng = np.random.default_rng(0)
-  records = []
-  for expression in contract.EXPRESSIONS:
-    os.makedirs(os.path.join(data_dir, expression), exist_ok=True)
-    for s in range(6):
-      for k in range(3):
-        path = f"{expression}/s{s}_{k}.png"
-        cv2.imwrite(os.path.join(data_dir, path),
-                    rng.integers(0, 256, (112, 112), dtype=np.uint8))
-        records.append(contract.Record(path=path, expression=expression, subject=f"s{s}",
-                                       source="tiny"))
-  contract.write_manifest(data_dir, records)
-
-
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-  """A finished tiny DICE-FER workdir (stage3 final checkpoint)."""
-  root = tmp_path_factory.mktemp("predict")
-  config = tiny.get_config()
-  config.data_dir = str(root / "faces")
-  # As few steps as a finished run can have: prediction only needs its checkpoints.
-  config.stage1.num_steps = config.stage2.num_steps = config.stage3.num_steps = 2
-  config.checkpoint_every = 2
-  _tiny_faceset(config.data_dir)
-  workdir = str(root / "wd")
-  run_lib.run(config, workdir, "all")
-  return workdir
 
 
 @pytest.fixture(scope="module")

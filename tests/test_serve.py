@@ -25,7 +25,6 @@ from skimage import data as skimage_data
 
 from dicefer_jax import contract
 from dicefer_jax import workdir as workdir_lib
-from experiments import run as run_lib
 from experiments.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -50,21 +49,6 @@ def _web_extra_or_skip():
       __import__(module)
     except ImportError:
       _missing(f"{module} is not installed: pip install -e '.[web,dev]'")
-
-
-def _tiny_faceset(data_dir: str) -> None:
-  rng = np.random.default_rng(0)
-  records = []
-  for expression in contract.EXPRESSIONS:
-    os.makedirs(os.path.join(data_dir, expression), exist_ok=True)
-    for s in range(6):
-      for k in range(3):
-        path = f"{expression}/s{s}_{k}.png"
-        cv2.imwrite(os.path.join(data_dir, path),
-                    rng.integers(0, 256, (112, 112), dtype=np.uint8))
-        records.append(contract.Record(path=path, expression=expression, subject=f"s{s}",
-                                       source="tiny"))
-  contract.write_manifest(data_dir, records)
 
 
 def _write_inputs(root: str) -> dict:
@@ -143,20 +127,6 @@ def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def trained_workdir(tmp_path_factory):
-  """A finished tiny DICE-FER workdir (stage3 final checkpoint)."""
-  root = tmp_path_factory.mktemp("serve")
-  config = tiny.get_config()
-  config.data_dir = str(root / "faces")
-  config.stage1.num_steps = config.stage2.num_steps = config.stage3.num_steps = 2
-  config.checkpoint_every = 2
-  _tiny_faceset(config.data_dir)
-  workdir = str(root / "wd")
-  run_lib.run(config, workdir, "all")
-  return workdir
 
 
 @pytest.fixture(scope="module")
