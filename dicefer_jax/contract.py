@@ -51,18 +51,32 @@ def expression_index(name: str) -> int:
     ) from None
 
 
+def face_set_location(data_dir: str) -> tuple[str, str]:
+  """(image root, manifest file) of a face set.
+
+  A face set is named by its directory (manifest `DIR/manifest.csv`) or by
+  another manifest CSV inside that directory, such as the cleaned manifest
+  `python -m data_tools.audit --apply` writes beside the original
+  (`DIR/manifest.cleaned.csv`): paths are relative to the CSV's folder either way.
+  """
+  if data_dir and str(data_dir).lower().endswith(".csv") and os.path.isfile(data_dir):
+    return os.path.dirname(os.path.abspath(data_dir)), str(data_dir)
+  return data_dir, os.path.join(data_dir, MANIFEST_NAME) if data_dir else MANIFEST_NAME
+
+
 def read_manifest(data_dir: str, check_files: bool = True) -> list[Record]:
-  """Reads and validates `<data_dir>/manifest.csv`.
+  """Reads and validates `<data_dir>/manifest.csv` (or the manifest CSV `data_dir`
+  names, see `face_set_location`).
 
   Raises DataError (one line, with what to do) for a missing or empty directory,
   a missing manifest or column, an unknown expression, or files that do not exist.
   """
+  data_dir, manifest = face_set_location(data_dir)
   if not data_dir or not os.path.isdir(data_dir):
     raise DataError(
         f"data directory {data_dir!r} does not exist: pass --config.data_dir=DIR "
         "pointing at a preprocessed face set, or leave it empty to use the "
         "built-in synthetic set")
-  manifest = os.path.join(data_dir, MANIFEST_NAME)
   if not os.path.isfile(manifest):
     if not os.listdir(data_dir):
       raise DataError(

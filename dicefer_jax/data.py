@@ -32,8 +32,12 @@ class FaceSet:
 
 
 def load_face_set(data_dir: str) -> FaceSet:
-  """Reads the manifest of a face set (checking every file exists)."""
-  return FaceSet(data_dir, contract.read_manifest(data_dir))
+  """Reads the manifest of a face set (checking every file exists).
+
+  `data_dir` is the set's directory or a manifest CSV in it
+  (`contract.face_set_location`); the FaceSet's data_dir is the image root."""
+  root, _ = contract.face_set_location(data_dir)
+  return FaceSet(root, contract.read_manifest(data_dir))
 
 
 @dataclasses.dataclass

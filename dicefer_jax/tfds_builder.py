@@ -94,7 +94,7 @@ def faces_config(face_dir: str, *, fold: int = 0, num_folds: int = 5,
   if kind != "official":
     # Fail here, with the library's one-line message, rather than mid-build.
     splits.split_records(records, num_folds=num_folds, fold=fold, seed=seed)
-  with open(os.path.join(face_dir, contract.MANIFEST_NAME), "rb") as f:
+  with open(contract.face_set_location(face_dir)[1], "rb") as f:
     manifest_sha = hashlib.sha256(f.read()).hexdigest()
   key = hashlib.sha256(f"{face_dir}\n{manifest_sha}".encode()).hexdigest()[:10]
   slug = re.sub(r"[^A-Za-z0-9_]+", "_", os.path.basename(face_dir)).strip("_") or "faces"
@@ -156,10 +156,11 @@ class DiceferFaces(tfds.core.GeneratorBasedBuilder):
     del dl_manager  # Everything is local: the face set is the input.
     config = self.builder_config
     face_dir = config.face_dir
-    with open(os.path.join(face_dir, contract.MANIFEST_NAME), "rb") as f:
+    image_root, manifest = contract.face_set_location(face_dir)
+    with open(manifest, "rb") as f:
       if hashlib.sha256(f.read()).hexdigest() != config.manifest_sha256:
         raise DataError(
-            f"{face_dir}/{contract.MANIFEST_NAME} changed after this config was "
+            f"{manifest} changed after this config was "
             "made: make a new config (faces_config) so it gets a new name")
     records = contract.read_manifest(face_dir)
     train, test, info = splits.split_records(
@@ -168,8 +169,8 @@ class DiceferFaces(tfds.core.GeneratorBasedBuilder):
     self.info.metadata.update({
         "face_dir": face_dir, "manifest_sha256": config.manifest_sha256,
         "split": info.as_dict()})
-    return {"train": self._generate_examples(face_dir, train),
-            "test": self._generate_examples(face_dir, test)}
+    return {"train": self._generate_examples(image_root, train),
+            "test": self._generate_examples(image_root, test)}
 
   def _generate_examples(self, face_dir, records):
     for r in records:

@@ -12,7 +12,10 @@ Bad uploads are answered, never raised: not an image -> 400, over
 {"error": "..."} and the page shows the message.
 
 The page and the API are built here, in the library, so that a data tool can
-serve its own pages from the same app (`routes=`) next to the predictor.
+serve its own pages from the same app (`routes=`) next to the predictor, or
+without one: `make_app(None, routes=...)` serves the tool's routes and the
+static files; the model's page and API then answer 503 (a tool's route for "/"
+comes first and replaces that page).
 """
 
 import io
@@ -127,16 +130,23 @@ def _face_json(face) -> dict:
                                                           face.probabilities)})
 
 
-def make_app(predictor, model_info: dict, *,
+NO_MODEL_MESSAGE = ("no model is loaded: this server runs a data tool only; "
+                    "serve a model with `python -m experiments.serve --workdir=DIR`")
+
+
+def make_app(predictor, model_info: dict | None = None, *,
              max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES, routes=()) -> Starlette:
   """The ASGI app serving the page and the API.
 
   Args:
-    predictor: a `Predictor` (anything with `predict_image(rgb_array)`).
-    model_info: what GET /api/model answers (`describe_workdir`).
+    predictor: a `Predictor` (anything with `predict_image(rgb_array)`), or
+      None for a data tool's server: then GET /, GET /api/model and
+      POST /api/predict answer 503 with NO_MODEL_MESSAGE.
+    model_info: what GET /api/model answers (`describe_workdir`); may be None
+      without a predictor.
     max_upload_bytes: larger uploads get 413.
     routes: more Starlette routes (a data tool's own pages), tried before the
-      page's.
+      page's, so a tool may take over "/".
 
   Returns:
     A Starlette app.
@@ -147,11 +157,14 @@ def make_app(predictor, model_info: dict, *,
   # and on CPU one prediction already uses the cores. Decoding, size checks
   # and JSON run outside the lock, in parallel.
   lock = threading.Lock()
-  info = dict(model_info, max_upload_bytes=int(max_upload_bytes))
+  info = dict(model_info or {}, max_upload_bytes=int(max_upload_bytes))
 
   def predict(rgb: np.ndarray):
     with lock:
       return predictor.predict_image(rgb)
+
+  async def no_model(request):
+    return _error(503, NO_MODEL_MESSAGE)
 
   async def index(request):
     return FileResponse(os.path.join(STATIC_DIR, "index.html"),
@@ -193,6 +206,9 @@ def make_app(predictor, model_info: dict, *,
         height=int(rgb.shape[0]),
         elapsed_ms=round(1000 * (time.perf_counter() - started), 1)))
 
+  if predictor is None:
+    # The demo page would only show errors without a model.
+    index = model = predict_endpoint = no_model
   web_app = Starlette(routes=[
       *routes,
       Route("/", index),
