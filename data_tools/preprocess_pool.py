@@ -91,7 +91,27 @@ def process_task(task: Task) -> dict[str, str]:
 
 
 def process_one(input_path: str, output_dir: str, out_rel: str) -> dict[str, str]:
-  """Detects, checks, aligns and writes one photo. Runs in a worker.
+  """process_photo with this worker's settings and MTCNN. Runs in a worker."""
+  return process_photo(input_path, output_dir, out_rel, _worker_state["settings"],
+                       _worker_detector)
+
+
+def process_photo(input_path: str, output_dir: str, out_rel: str, settings: Settings,
+                  get_detector: Callable[[], face_detector.MTCNNDetector]
+                  ) -> dict[str, str]:
+  """Detects, checks, aligns and writes one photo.
+
+  The one per-photo path of preprocessing: the worker pool here and the Beam
+  pipeline (data_tools.beam_preprocess) both call it, so both write the same
+  faces and the same reject reasons.
+
+  Args:
+    input_path: the photo (absolute).
+    output_dir: the face set (absolute).
+    out_rel: the face's path in it (preprocess_runs.output_name).
+    settings: validated thresholds.
+    get_detector: returns the MTCNN; called only for photos that reach
+      detection, so a caller may build it lazily.
 
   Returns:
     {"input", "status" (KEPT, REJECTED or ERROR), "output" (out_rel when
@@ -101,7 +121,6 @@ def process_one(input_path: str, output_dir: str, out_rel: str) -> dict[str, str
     UserError: a setup problem (no facenet-pytorch, no CUDA) that stops the
       run. Any other failure is returned as an ERROR result.
   """
-  settings = _worker_state["settings"]
   result = {"input": input_path, "output": "", "reason": "", "detail": ""}
   try:
     if not os.path.isfile(input_path):
@@ -115,7 +134,7 @@ def process_one(input_path: str, output_dir: str, out_rel: str) -> dict[str, str
               "detail": f"image {image.shape[1]}x{image.shape[0]} is smaller than "
                         f"--min_face_size={settings.min_face_size}"}
     # The library's detect -> pick -> align, the same path a Predictor uses.
-    decision, face = detect_and_align(_worker_detector(), image, settings)
+    decision, face = detect_and_align(get_detector(), image, settings)
     if decision.status != KEPT:
       return {**result, "status": REJECTED, "reason": decision.reason,
               "detail": decision.detail}
