@@ -54,13 +54,13 @@ def _cpu_model() -> str:
 
 def markdown_table(result: dict) -> str:
   """The README's table, from the JSON's fields only."""
-  lines = ["| finding kind | planted | found | precision | recall |",
-           "|---|---:|---:|---:|---:|"]
+  lines = ["| finding kind | planted | found | precision | recall | precision of the top N |",
+           "|---|---:|---:|---:|---:|---:|"]
   for kind, s in result["scores"].items():
     def pct(v):
       return "n/a" if v is None else f"{100 * v:.1f}%"
     lines.append(f"| {kind} | {s['planted']} | {s['found']} | {pct(s['precision'])} "
-                 f"| {pct(s['recall'])} |")
+                 f"| {pct(s['recall'])} | {pct(s['top_precision'])} |")
   t = result["audit"]["timings_s"]
   lines.append("")
   lines.append(f"{result['num_images']} images ({result['num_planted_images']} planted), "

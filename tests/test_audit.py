@@ -90,9 +90,14 @@ def test_scores_count_required_allowed_and_clean_images():
   scores = planting.score_findings(found, planted)
   # blur: b missed, a allowed (neutral), c clean (false positive).
   assert scores[F.BLUR] == dict(planted=1, found=2, true_positives=0, false_positives=1,
-                                missed=1, precision=0.0, recall=0.0)
+                                missed=1, precision=0.0, recall=0.0, top_precision=None)
   assert scores[F.EXPOSURE]["precision"] == 1.0 and scores[F.EXPOSURE]["recall"] == 1.0
   assert scores[F.LABEL]["precision"] is None and scores[F.LABEL]["recall"] is None
+  # Ranked: the first `planted` findings by score.
+  ranked = [F.Finding("b.png", F.BLUR, 0.9), F.Finding("c.png", F.BLUR, 0.5),
+            F.Finding("d.png", F.BLUR, 2.0)]
+  s = planting.score_findings(ranked, planted + [planting.Planted("d.png", "blur", (F.BLUR,))])
+  assert s[F.BLUR]["top_precision"] == 1.0 and s[F.BLUR]["precision"] == 2 / 3
 
 
 def test_label_findings_flag_the_swapped_labels():

@@ -32,7 +32,6 @@ from data_tools.audit import label_check
 from dicefer_jax import contract, data as data_lib, face_detector, fileio
 from dicefer_jax.errors import DataError, UserError
 
-FINDINGS_NAME = "findings.csv"
 SUMMARY_NAME = "summary.json"
 
 
@@ -125,9 +124,9 @@ def run_audit(data_dir: str, settings: AuditSettings = AuditSettings(),
   say = (lambda m: print(m, flush=True)) if progress else (lambda m: None)
   root, _ = contract.face_set_location(data_dir)
   records, raw = list_face_set(data_dir)
-  out_dir = contact_sheets.audit_dir(root)
+  out_dir = F.audit_dir(root)
   os.makedirs(out_dir, exist_ok=True)
-  findings_path = os.path.join(out_dir, FINDINGS_NAME)
+  findings_path = F.findings_path(root)
   kept = _keep_reviewed_findings(findings_path)
   if kept:
     say(f"kept the reviewed {findings_path} as {kept} (a new audit does not overwrite it)")

@@ -23,7 +23,6 @@ from dicefer_jax import contract
 from dicefer_jax import fileio
 from dicefer_jax.errors import DataError
 
-AUDIT_DIR = "audit"
 INDEX_NAME = "index.html"
 # A sheet lists at most this many findings (the CSV has them all): a wrong
 # threshold flagging a whole 100k-image set should not make a page no browser
@@ -61,10 +60,6 @@ table { border-collapse: collapse; } td, th { border: 1px solid #ccc;
 .plots { display: flex; flex-wrap: wrap; gap: 10px; }
 .plots img { width: 480px; }
 """
-
-
-def audit_dir(data_dir: str) -> str:
-  return os.path.join(data_dir, AUDIT_DIR)
 
 
 def sheet_name(kind: str) -> str:
@@ -242,7 +237,7 @@ def write_contact_sheets(data_dir: str, all_findings: Sequence[findings.Finding]
   if missing:
     raise DataError(f"findings of kind {missing[0]!r} but no sheet for it: add it "
                     "to kinds")
-  out_dir = audit_dir(data_dir)
+  out_dir = findings.audit_dir(data_dir)
   os.makedirs(out_dir, exist_ok=True)
   written = []
   for kind in kinds:

@@ -37,6 +37,10 @@ KINDS = (BLUR, EXPOSURE, FRAMING, DUPLICATE, LABEL)
 KEEP, DROP, RELABEL = "keep", "drop", "relabel"
 DECISIONS = (KEEP, DROP, RELABEL)
 
+# Where the audit writes, inside the face set's directory, and its main output.
+AUDIT_DIR = "audit"
+FINDINGS_NAME = "findings.csv"
+
 FIELDS = ("path", "kind", "score", "suggestion", "detail", "related", "expression",
           "subject", "decision", "new_expression")
 
@@ -59,6 +63,15 @@ class Finding:
     row["score"] = f"{self.score:.6g}"
     row["related"] = ";".join(self.related)
     return row
+
+
+def audit_dir(data_dir: str) -> str:
+  """DIR/audit, where every file of the audit goes."""
+  return os.path.join(data_dir, AUDIT_DIR)
+
+
+def findings_path(data_dir: str) -> str:
+  return os.path.join(audit_dir(data_dir), FINDINGS_NAME)
 
 
 def relabel_suggestion(expression: str) -> str:

@@ -195,23 +195,29 @@ def score_findings(findings: Sequence[F.Finding], planted: Sequence[Planted],
 
   A finding of kind K on image P is a true positive when K is required for P,
   neutral when K is only allowed for P, and a false positive otherwise. A
-  required (P, K) without a finding is a miss.
+  required (P, K) without a finding is a miss. `top_precision` is the
+  precision of the kind's first `planted` findings by score, the ones a
+  person reviewing largest first sees first.
   """
   required, allowed = {}, {}
   for p in planted:
     required.setdefault(p.path, set()).update(p.required)
     allowed.setdefault(p.path, set()).update(p.allowed)
-  found = {(f.path, f.kind) for f in findings}
   scores = {}
   for kind in kinds:
-    flagged = {path for path, k in found if k == kind}
+    ranked = sorted((f for f in findings if f.kind == kind), key=lambda f: -f.score)
+    flagged = {f.path for f in ranked}
     truth = {path for path, ks in required.items() if kind in ks}
     ok = {path for path, ks in allowed.items() if kind in ks}
     tp = len(flagged & truth)
     fp = len(flagged - truth - ok)
     fn = len(truth - flagged)
+    top = [f.path for f in ranked[:len(truth)]]
+    top_tp = sum(1 for path in top if path in truth)
+    top_fp = sum(1 for path in top if path not in truth and path not in ok)
     scores[kind] = dict(
         planted=len(truth), found=len(flagged), true_positives=tp, false_positives=fp,
         missed=fn, precision=tp / (tp + fp) if tp + fp else None,
-        recall=tp / len(truth) if truth else None)
+        recall=tp / len(truth) if truth else None,
+        top_precision=top_tp / (top_tp + top_fp) if top_tp + top_fp else None)
   return scores

@@ -40,8 +40,6 @@ from data_tools.audit import findings as findings_lib
 from dicefer_jax import contract, fileio
 from dicefer_jax.errors import DataError, UserError
 
-AUDIT_DIR = "audit"
-FINDINGS_NAME = "findings.csv"
 JOURNAL_NAME = "decisions.jsonl"
 REVIEWED_NAME = "reviewed.csv"
 STATIC_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "static")
@@ -57,8 +55,8 @@ class _BadRequest(Exception):
 
 def default_paths(data_dir: str) -> dict:
   """Where the review reads and writes by default: findings, journal, reviewed CSV."""
-  audit = os.path.join(data_dir, AUDIT_DIR)
-  return dict(findings=os.path.join(audit, FINDINGS_NAME),
+  audit = findings_lib.audit_dir(data_dir)
+  return dict(findings=findings_lib.findings_path(data_dir),
               journal=os.path.join(audit, JOURNAL_NAME),
               reviewed=os.path.join(audit, REVIEWED_NAME))
 
