@@ -70,12 +70,36 @@ def final_stage(config) -> str:
 
 
 # ----------------------------------------------------------------------------
-# Devices: data parallel over every local device (GSPMD). BatchNorm statistics are
-# then computed over the global batch, as on one device.
+# Devices: data parallel over every device of the job (GSPMD): each batch is split
+# along its rows over a 1-D "data" mesh, parameters and optimizer state are
+# replicated. Under jit a mean over the batch axis is a mean over the global
+# batch (XLA inserts the all-reduce), so BatchNorm statistics and every loss are
+# those of one device seeing the whole batch (tests/test_data_parallel.py).
+#
+# Multi-host (config.distributed): the mesh spans every process's devices. Each
+# process builds the same deterministic global batch and feeds only its rows of it
+# (`process_rows`), so a job of P processes trains on exactly the batches of a
+# single-host run and resumes exactly too.
 
 
-def make_shardings():
-  mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
+def is_primary() -> bool:
+  """Whether this process writes the files of a run (always, on one host)."""
+  return jax.process_index() == 0
+
+
+def make_shardings(devices=None):
+  """(replicated, batch-sharded) NamedShardings over a 1-D "data" mesh.
+
+  Args:
+    devices: the mesh's devices; default every device of the job. Across
+      processes they are ordered by process, so that process p's devices hold the
+      contiguous rows `process_rows(B, p, P)` of a global batch.
+  """
+  if devices is None:
+    devices = jax.devices()
+    if jax.process_count() > 1:
+      devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+  mesh = jax.sharding.Mesh(np.array(devices), ("data",))
   return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
 
@@ -86,6 +110,53 @@ def check_batch_divisible(batch_size: int, field: str = "batch_size") -> None:
   if batch_size % n:
     raise UserError(f"{field}={batch_size} is not divisible by the {n} devices: "
                     f"use a multiple of {n} (--config.{field}=...)")
+
+
+def process_rows(batch_size: int, process_index: int, process_count: int) -> slice:
+  """The rows of a global batch that process `process_index` of `process_count` feeds."""
+  if batch_size % process_count:
+    raise UserError(f"batch of {batch_size} rows cannot be split over {process_count} "
+                    "processes: use a multiple of the process count")
+  per_process = batch_size // process_count
+  return slice(process_index * per_process, (process_index + 1) * per_process)
+
+
+def global_batch(batch: dict, sharding) -> dict:
+  """A global batch (numpy, the same on every process) as arrays sharded by rows.
+
+  On one process this is `jax.device_put`, as it always was. Across processes each
+  one hands over only its rows; `make_array_from_process_local_data` places them
+  on its devices, which the mesh order makes exactly these rows (checked: a mesh
+  in another order would silently permute the batch).
+  """
+  if jax.process_count() == 1:
+    return jax.device_put(batch, sharding)
+  out = {}
+  for key, value in batch.items():
+    rows = process_rows(value.shape[0], jax.process_index(), jax.process_count())
+    held = sharding.addressable_devices_indices_map(value.shape).values()
+    if (min(i[0].start for i in held), max(i[0].stop for i in held)) != (rows.start,
+                                                                         rows.stop):
+      raise ValueError(f"the mesh gives process {jax.process_index()} other rows than "
+                       f"{rows}: build it with make_shardings()")
+    out[key] = jax.make_array_from_process_local_data(sharding, value[rows], value.shape)
+  return out
+
+
+def _sync(name: str) -> None:
+  """A barrier across processes (nothing on one host)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def _restore_target(state: steps.StageState) -> steps.StageState:
+  """The template Orbax restores into. Across processes it must be a global array
+  (replicated over the mesh), so that every process reads the same checkpoint
+  into its devices; on one host it stays as it was."""
+  if jax.process_count() == 1:
+    return state
+  return jax.device_put(state, make_shardings()[0])
 
 
 # ----------------------------------------------------------------------------
@@ -129,22 +200,39 @@ def stage_dataset(stage: str, config, data: FaceData, start_step: int):
 
 
 class MetricWriter:
-  """Scalars to TensorBoard event files and to `<workdir>/metrics.jsonl`."""
+  """Scalars to TensorBoard event files and to `<workdir>/metrics.jsonl`.
+
+  Only the primary process writes: in a multi-host job every process computes
+  the same (replicated) scalars, and one copy of each row is wanted.
+  """
 
   def __init__(self, workdir: str):
+    self._enabled = is_primary()
+    if not self._enabled:
+      return
     from flax.metrics import tensorboard  # pylint: disable=g-import-not-at-top
     self._tb = tensorboard.SummaryWriter(workdir_lib.tensorboard_dir(workdir))
     self._jsonl = open(workdir_lib.metrics_log_path(workdir), "a")
 
   def write(self, stage: str, step: int, scalars: dict) -> None:
+    if not self._enabled:
+      return
     for k, v in scalars.items():
       self._tb.scalar(f"{stage}/{k}", v, step)
     self._jsonl.write(json.dumps(dict(stage=stage, step=step, **scalars)) + "\n")
     self._jsonl.flush()
 
   def close(self):
+    if not self._enabled:
+      return
     self._tb.flush()
     self._jsonl.close()
+
+
+def _print(text: str) -> None:
+  """Progress lines, from the primary process only (one log per job, not per host)."""
+  if is_primary():
+    print(text, flush=True)
 
 
 def _format_line(stage, step, num_steps, scalars, images_per_s, eta_s):
@@ -198,14 +286,19 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
           f"{stage} needs the final checkpoint of {prev} in "
           f"{checkpoints.stage_dir(workdir, prev)}: run --stage={_stage_flag(prev)} first "
           "(or --stage=all)")
-    prev_template = initial_state(prev, config, model)
+    prev_template = _restore_target(initial_state(prev, config, model))
     prev_state, _ = checkpoints.restore_final(workdir, prev, prev_template)
   stale = checkpoints.stale_reason(workdir, stage, prev)
   if stale:
     # Its checkpoints rest on parameters that are gone: train it again from the
     # new prerequisite, keeping the old ones aside rather than deleting them.
-    moved = checkpoints.set_aside(workdir, stage)
-    print(f"{stage}: {stale}; retraining it (old checkpoints moved to {moved})", flush=True)
+    # One process moves them, after every process has read them and before any
+    # looks again.
+    _sync(f"{stage}_stale_read")
+    if is_primary():
+      moved = checkpoints.set_aside(workdir, stage)
+      _print(f"{stage}: {stale}; retraining it (old checkpoints moved to {moved})")
+    _sync(f"{stage}_set_aside")
 
   state = initial_state(stage, config, model, prev_state)
   replicated, data_sharding = make_shardings()
@@ -217,7 +310,7 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
       mngr.close()
       raise UserError(f"{stage} already has a checkpoint at step {start} > num_steps="
                       f"{num_steps}: raise --config.{stage}.num_steps or use a new workdir")
-    state, _ = checkpoints.restore(mngr, state)
+    state, _ = checkpoints.restore(mngr, _restore_target(state))
     if start == num_steps:
       logging.info("%s: already complete (step %d), skipping", stage, start)
       mngr.close()
@@ -226,8 +319,13 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
   start = int(state.step)
   state = jax.device_put(state, replicated)
 
-  step_fn = jax.jit(make_step(stage, model, config, steps.make_optimizers(config.train, stage)),
-                    donate_argnums=0)
+  step_impl = make_step(stage, model, config, steps.make_optimizers(config.train, stage))
+  if jax.process_count() == 1:
+    step_fn = jax.jit(step_impl, donate_argnums=0)
+  else:
+    # Replicated outputs: every process can then read the metrics and the state
+    # (a sharded output would span devices other processes own).
+    step_fn = jax.jit(step_impl, donate_argnums=0, out_shardings=(replicated, replicated))
   batches = _input_pipeline().as_numpy_iterator(stage_dataset(stage, config, data, start))
   images_per_step = config.batch_size * (2 if stage in steps.PAIR_STAGES else 1)
   meta = dict(stage=stage, num_steps=num_steps, method=config.method,
@@ -237,8 +335,10 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
   pending = []           # per-step metrics (device arrays) since the last check
   last_good_save = start
   window_start, window_step = time.time(), start
-  print(f"{stage}: training steps {start}..{num_steps} on {jax.device_count()} "
-        f"{jax.devices()[0].platform} device(s), {images_per_step} images/step", flush=True)
+  _print(f"{stage}: training steps {start}..{num_steps} on {jax.device_count()} "
+         f"{jax.devices()[0].platform} device(s)"
+         + (f" in {jax.process_count()} processes" if jax.process_count() > 1 else "")
+         + f", {images_per_step} images/step")
 
   def check_finite():
     """Raises TrainingDiverged naming the first step whose loss was not finite."""
@@ -255,7 +355,7 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
     if num_steps == 0:  # a skipped stage (an ablation) still hands its state on
       checkpoints.save(mngr, state, meta)
     for step in range(start + 1, num_steps + 1):
-      batch = jax.device_put(next(batches), data_sharding)
+      batch = global_batch(next(batches), data_sharding)
       state, metrics = step_fn(state, batch)
       pending.append(metrics)
       if step % config.log_every == 0 or step == num_steps:
@@ -266,10 +366,10 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
         rate = images_per_step * (step - window_step) / max(now - window_start, 1e-9)
         scalars["images_per_s"] = rate
         writer.write(stage, step, scalars)
-        print(_format_line(stage, step, num_steps, scalars, rate,
-                           (num_steps - step) * images_per_step / max(rate, 1e-9)), flush=True)
+        _print(_format_line(stage, step, num_steps, scalars, rate,
+                            (num_steps - step) * images_per_step / max(rate, 1e-9)))
         for warning in monitor(step, scalars):
-          print(f"WARNING: {warning}", flush=True)
+          _print(f"WARNING: {warning}")
         pending.clear()
         window_start, window_step = now, step
       if step % config.checkpoint_every == 0 or step == num_steps:
@@ -287,7 +387,10 @@ def predict(config, model, state: steps.StageState, images: np.ndarray) -> dict:
   """Codes, features and logits of every image (eval mode), as numpy arrays."""
   check_batch_divisible(config.eval_batch_size, "eval_batch_size")
   replicated, data_sharding = make_shardings()
-  embed = jax.jit(steps.make_embed_fn(model))
+  if jax.process_count() == 1:
+    embed = jax.jit(steps.make_embed_fn(model))
+  else:  # every process gets every output row (it applies the mask itself)
+    embed = jax.jit(steps.make_embed_fn(model), out_shardings=replicated)
   params = jax.device_put(state.params, replicated)
   batch_stats = jax.device_put(state.batch_stats, replicated)
   labels = np.zeros(len(images), np.int32)
@@ -295,7 +398,8 @@ def predict(config, model, state: steps.StageState, images: np.ndarray) -> dict:
   input_pipeline = _input_pipeline()
   for batch in input_pipeline.as_numpy_iterator(
       input_pipeline.eval_dataset(images, labels, batch_size=config.eval_batch_size)):
-    out = embed(params, batch_stats, jax.device_put(batch["image"], data_sharding))
+    out = embed(params, batch_stats, global_batch({"image": batch["image"]},
+                                                  data_sharding)["image"])
     out = jax.device_get(out)
     outputs.append({k: v[batch["mask"]] for k, v in out.items()})
   result = {k: np.concatenate([o[k] for o in outputs]) for k in outputs[0]}
@@ -324,7 +428,8 @@ def restore_trained(config, workdir: str):
                       f"`python -m experiments.run --workdir={workdir} --stage=all` first")
   model = models.build_model(config.model, contract.NUM_CLASSES)
   stage = final_stage(config)
-  state, _ = checkpoints.restore_final(workdir, stage, initial_state(stage, config, model))
+  state, _ = checkpoints.restore_final(
+      workdir, stage, _restore_target(initial_state(stage, config, model)))
   return model, state
 
 
@@ -344,7 +449,8 @@ def train_and_evaluate(config, workdir: str, stage_names: Sequence[str], data: F
     summary = dict(test_accuracy=accuracy, num_test=int(len(data.test_labels)),
                    split=data.split_info.as_dict(), data_dir=data.data_dir)
     writer.write(stage_names[-1], int(state.step), dict(test_accuracy=accuracy))
-    fileio.write_json_atomic(workdir_lib.train_metrics_path(workdir), summary)
+    if is_primary():
+      fileio.write_json_atomic(workdir_lib.train_metrics_path(workdir), summary)
     return summary
   finally:
     writer.close()

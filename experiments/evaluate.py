@@ -8,9 +8,17 @@ checkpoint (stage 3, or the baseline's), runs every evaluator
 leakage, cross-subject retrieval, t-SNE maps) with the workdir's `config.eval`
 settings, changed by any --config.eval.* flag, and writes DIR/eval/metrics.json,
 DIR/eval/report.md and the figures.
+
+--config.distributed=True joins a multi-host job (it is a property of how this
+process is started, so it is taken from the flag, never from the workdir's
+config); every process evaluates, the primary one writes the files. Compiled
+programs are cached as in experiments.run (--nocompilation_cache to turn off).
 """
 
-from dicefer_jax import environment  # noqa: F401  (sets XLA/TF flags; must come first)
+from dicefer_jax import environment  # sets XLA/TF flags: must come first
+
+import shutil
+import tempfile
 
 from absl import app
 from absl import flags
@@ -48,11 +56,20 @@ def evaluate(workdir: str, eval_overrides: dict | None = None,
   if faces is None:
     faces = face_sets.FaceSets().get(config)
   data = data_lib.split_faces(config, faces)
-  result = evaluator.evaluate(config, model, state, data, workdir_lib.eval_dir(workdir),
-                              settings)
-  fileio.write_json_atomic(workdir_lib.eval_metrics_path(workdir), result)
-  write_report(workdir_lib.eval_report_path(workdir), result)
-  return result
+  if train.is_primary():
+    result = evaluator.evaluate(config, model, state, data, workdir_lib.eval_dir(workdir),
+                                settings)
+    fileio.write_json_atomic(workdir_lib.eval_metrics_path(workdir), result)
+    write_report(workdir_lib.eval_report_path(workdir), result)
+    return result
+  # Another process of a multi-host job: it takes part in every sharded
+  # prediction, but its copies of the plots go to a scratch folder, so that one
+  # process writes each file of the workdir.
+  scratch = tempfile.mkdtemp(prefix="dicefer-eval-")
+  try:
+    return evaluator.evaluate(config, model, state, data, scratch, settings)
+  finally:
+    shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_report(path: str, result: dict) -> str:
@@ -103,12 +120,19 @@ def summary_line(result: dict) -> str:
           f"retrieval@{ret['k']} {fmt(ret['precision_at_k'])} (chance {fmt(ret['chance'])})")
 
 
+# Process settings, not workdir settings: evaluate takes them from its flags.
+PROCESS_FIELDS = ("distributed",)
+
+
 def _eval_overrides(overrides: dict) -> dict:
-  """{"mig.num_seeds": 5, ...} from the --config.eval.* flags; refuses any other."""
+  """{"mig.num_seeds": 5, ...} from the --config.eval.* flags; refuses any other
+  (but the process settings, PROCESS_FIELDS, which main reads itself)."""
+  overrides = {f: v for f, v in overrides.items() if f not in PROCESS_FIELDS}
   others = [f for f in overrides if not config_fields.is_evaluation(f)]
   if others:
     raise UserError(f"--config.{others[0]}: evaluate takes only --config.eval.* "
-                    "overrides; everything else comes from the workdir's config.json")
+                    "overrides (and --config.distributed); everything else comes from "
+                    "the workdir's config.json")
   return {f[len(config_fields.EVALUATION_PREFIX):]: v for f, v in overrides.items()}
 
 
@@ -119,17 +143,26 @@ def main(argv):
     raise app.UsageError("--workdir is required")
   logging.set_verbosity(logging.WARNING)
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
-  result = cli.run_or_exit(evaluate, _WORKDIR.value, cli.run_or_exit(
-      _eval_overrides, overrides))
-  print(f"{result['method']} on {result['num_examples']} test images "
-        f"({result['split']['kind']} split): {summary_line(result)}")
-  print(f"wrote {workdir_lib.eval_metrics_path(_WORKDIR.value)} and its plots")
+  # First, before any other JAX call: JAX refuses to join a job after computing.
+  cli.run_or_exit(environment.initialize_distributed,
+                  bool(overrides.get("distributed", False)))
+  eval_overrides = cli.run_or_exit(_eval_overrides, overrides)
+  saved = cli.run_or_exit(workdir_lib.read_config, _WORKDIR.value, default.get_config())
+  environment.enable_compilation_cache(data_lib.cache_root(saved), _COMPILATION_CACHE.value)
+  result = cli.run_or_exit(evaluate, _WORKDIR.value, eval_overrides)
+  if train.is_primary():
+    print(f"{result['method']} on {result['num_examples']} test images "
+          f"({result['split']['kind']} split): {summary_line(result)}")
+    print(f"wrote {workdir_lib.eval_metrics_path(_WORKDIR.value)} and its plots")
 
 
 if __name__ == "__main__":
   # Defined only when this module is the program: experiments.protocol imports
   # `evaluate` and has flags of the same names.
   _WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by experiments.run.")
+  _COMPILATION_CACHE = flags.DEFINE_bool(
+      "compilation_cache", True, "Keep compiled XLA programs in <cache root>/jax_cache "
+      "(also off with DICEFER_COMPILATION_CACHE=0).")
   cli.define_config_dict("config", default.get_config(),
                          "Only --config.eval.* overrides apply here.")
   app.run(main, flags_parser=cli.parse_flags)

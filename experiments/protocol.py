@@ -24,7 +24,7 @@ flags: a run whose eval/metrics.json matches its config and evaluation settings
 is reused, a partly trained one resumes from its checkpoints.
 """
 
-from dicefer_jax import environment  # noqa: F401  (sets XLA/TF flags; must come first)
+from dicefer_jax import environment  # sets XLA/TF flags: must come first
 
 import dataclasses
 import json
@@ -35,9 +35,9 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 
 from dicefer_jax import config_fields, fileio, splits, train
+from dicefer_jax import data as data_lib
 from dicefer_jax import workdir as workdir_lib
 from dicefer_jax.errors import UserError
 from dicefer_jax.evaluation import common as eval_common
@@ -64,8 +64,9 @@ _SWEEP = flags.DEFINE_string(
 _ABLATIONS = flags.DEFINE_list(
     "ablations", [], f"DICE-FER ablations to add: {','.join(ablations_lib.ABLATIONS)}.")
 _COMPILATION_CACHE = flags.DEFINE_bool(
-    "compilation_cache", True, "Keep compiled XLA programs in DIR/jax_cache, so that "
-    "every fold after the first (and a rerun) skips most compilation.")
+    "compilation_cache", True, "Keep compiled XLA programs in <cache root>/jax_cache, "
+    "so that every fold after the first (and a rerun) skips most compilation (also "
+    "off with DICEFER_COMPILATION_CACHE=0).")
 
 METHODS = ("dicefer", "baseline")
 # Config fields the baseline never reads: sweeping them re-runs DICE-FER only.
@@ -374,6 +375,13 @@ def run_protocol(config, workdir: str, *, folds: int | None = None,
   return report(final=True)
 
 
+def _single_host(config) -> None:
+  """Refuses --config.distributed: every process would run (and write) every run."""
+  if config.distributed:
+    raise UserError("--config.distributed=True: the protocol runs on one host; run "
+                    "experiments.run and experiments.evaluate per variant instead")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -381,11 +389,11 @@ def main(argv):
     raise app.UsageError("--workdir is required: where every run and the table go")
   logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
-  if _COMPILATION_CACHE.value and not jax.config.jax_compilation_cache_dir:
-    # Every run of a protocol compiles the same programs (one config, new
-    # closures): on 2 CPU cores a tiny fold's training went from 8.8 s to 3.2 s.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+  cli.run_or_exit(_single_host, _CONFIG.value)
+  # Every run of a protocol compiles the same programs (one config, new
+  # closures): on 2 CPU cores a tiny fold's training went from 8.8 s to 3.2 s.
+  environment.enable_compilation_cache(data_lib.cache_root(_CONFIG.value),
+                                       _COMPILATION_CACHE.value)
   rep = cli.run_or_exit(run_protocol, _CONFIG.value, workdir, folds=_FOLDS.value,
                         methods=_METHODS.value, sweep=_SWEEP.value,
                         ablations=_ABLATIONS.value)

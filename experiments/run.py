@@ -7,9 +7,14 @@ Stages: 1 (expression code by cross MI), 2 (identity code, adversarial), 3
 (classifier on the frozen expression code), or all. Every config field can be
 overridden: --config.batch_size=64 --config.loss.zeta=0.025. With no
 --config.data_dir the built-in synthetic face set is generated (once) and used.
+
+Compiled programs are kept in <cache root>/jax_cache (DICEFER_CACHE, default
+~/.cache/dicefer_jax) and reused by the next run; --nocompilation_cache or
+DICEFER_COMPILATION_CACHE=0 turns that off. --config.distributed=True joins a
+multi-host job (README: "Many devices and hosts").
 """
 
-from dicefer_jax import environment  # noqa: F401  (sets XLA/TF flags; must come first)
+from dicefer_jax import environment  # sets XLA/TF flags: must come first
 
 from absl import app
 from absl import flags
@@ -36,10 +41,11 @@ def run(config, workdir: str, stage_flag: str,
     faces = face_sets.FaceSets().get(config)
   data = data_lib.split_faces(config, faces)
   info = data.split_info
-  print(f"data: {data.data_dir} | split {info.kind}: {info.num_train} train / "
-        f"{info.num_test} test images | {info.note}", flush=True)
+  if train.is_primary():  # one log per job, not one per host
+    print(f"data: {data.data_dir} | split {info.kind}: {info.num_train} train / "
+          f"{info.num_test} test images | {info.note}", flush=True)
   summary = train.train_and_evaluate(config, workdir, stage_names, data)
-  if summary is not None:
+  if summary is not None and train.is_primary():
     print(f"test accuracy on held-out data ({info.kind} split): "
           f"{summary['test_accuracy']:.4f} over {summary['num_test']} images", flush=True)
     print(f"wrote {workdir_lib.train_metrics_path(workdir)}; checkpoints in "
@@ -54,7 +60,12 @@ def main(argv):
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required: where checkpoints and metrics go")
   logging.set_verbosity(logging.WARNING)
-  cli.run_or_exit(run, _CONFIG.value, _WORKDIR.value, _STAGE.value)
+  config = _CONFIG.value
+  # First, before any other JAX call: JAX refuses to join a job after computing.
+  cli.run_or_exit(environment.initialize_distributed, config.distributed)
+  environment.enable_compilation_cache(data_lib.cache_root(config),
+                                       _COMPILATION_CACHE.value)
+  cli.run_or_exit(run, config, _WORKDIR.value, _STAGE.value)
 
 
 if __name__ == "__main__":
@@ -65,4 +76,7 @@ if __name__ == "__main__":
   _WORKDIR = flags.DEFINE_string("workdir", None,
                                  "Directory for checkpoints, logs, metrics.")
   _STAGE = flags.DEFINE_string("stage", "all", "1, 2, 3 or all.")
+  _COMPILATION_CACHE = flags.DEFINE_bool(
+      "compilation_cache", True, "Keep compiled XLA programs in <cache root>/jax_cache "
+      "(also off with DICEFER_COMPILATION_CACHE=0).")
   app.run(main, flags_parser=cli.parse_flags)

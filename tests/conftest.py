@@ -9,6 +9,12 @@ import pytest
 from dicefer_jax import contract
 from experiments.configs import tiny
 
+# Entry points the tests start (in process or as children) keep JAX's
+# compilation cache out of the user's home cache: two test workers would write
+# it at once, and JAX's cache writes are not atomic. test_compilation_cache.py
+# turns it on for its own children, in a temporary directory.
+os.environ.setdefault("DICEFER_COMPILATION_CACHE", "0")
+
 # Small on purpose: the CI machine has 2 shared cores.
 TINY_SUBJECTS = 6
 TINY_IMAGES_PER_SUBJECT = 3

@@ -43,7 +43,9 @@ def get_config() -> ml_collections.ConfigDict:
       disc_hidden=512,
       classifier_hidden=(256,),
       classifier_dropout=0.0,
-      half_precision=False,  # bfloat16 convolutions (for GPU/TPU)
+      # bfloat16 ResNet trunks (GPU/TPU); parameters, optimizer state, BatchNorm
+      # statistics, critics and losses stay float32 (dicefer_jax/models.py).
+      half_precision=False,
   ))
 
   config.loss = ml_collections.ConfigDict(dict(
@@ -91,4 +93,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every = 100
   config.checkpoint_every = 1000
   config.keep_checkpoints = 3
+  # Multi-host: join a jax.distributed job at start-up (TPU pod slices, SLURM,
+  # Open MPI and Kubernetes are detected; elsewhere see dicefer_jax.environment).
+  # Every process feeds its rows of the same global batches, so results do not
+  # depend on it.
+  config.distributed = False
   return config
