@@ -43,7 +43,7 @@ def _define_flags():
   flags.DEFINE_float("min_laplacian_var", 20.0, "Blur: variance of the Laplacian "
                      "(of the 112x112 face) below this is flagged; see "
                      "DIR/audit/measure_laplacian_var.png to choose it.")
-  flags.DEFINE_float("max_offset", 0.25, "Framing: a face further than this many "
+  flags.DEFINE_float("max_offset", 0.35, "Framing: a face further than this many "
                      "eye distances from where the set's faces are is off centre.")
   flags.DEFINE_integer("max_phash_distance", 10, "Duplicates: candidate pairs differ "
                        "in at most this many of the 64 perceptual-hash bits.")

@@ -139,10 +139,15 @@ def run_audit(data_dir: str, settings: AuditSettings = AuditSettings(),
   measures, hashes = _read_images_once(root, records, settings.workers)
   timings["read_measure_hash_s"] = time.perf_counter() - started
   plots = image_checks.plot_measure_distributions(measures, out_dir, settings.image)
-  if F.BLUR in checks:
-    found += image_checks.blur_findings(records, measures, settings.image)
+  exposure = image_checks.exposure_findings(records, measures, settings.image)
   if F.EXPOSURE in checks:
-    found += image_checks.exposure_findings(records, measures, settings.image)
+    found += exposure
+  if F.BLUR in checks:
+    # A black or washed-out frame has no sharp detail either; it is shown once,
+    # on the exposure sheet, so the blur sheet's top is real blur.
+    badly_exposed = {f.path for f in exposure}
+    found += [f for f in image_checks.blur_findings(records, measures, settings.image)
+              if f.path not in badly_exposed]
   groups = list(range(len(records)))
   if F.DUPLICATE in checks or F.LABEL in checks:
     started = time.perf_counter()
