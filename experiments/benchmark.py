@@ -467,16 +467,19 @@ def _run_steps(step_fn, state, batch, n: int):
   return jax.block_until_ready((state, metrics))[0]
 
 
-def measure_resnet18(plan: Plan, with_torch: bool) -> dict:
+def measure_resnet18(plan: Plan, with_torch: bool, half_precision: bool = False) -> dict:
   """Images/s of one ResNet-18 train step in dicefer-jax and in PyTorch.
 
   Rounds alternate: `plan.resnet_steps` JAX steps, then as many torch steps in
   the worker while this process waits on the pipe, and so on; each side is idle
   while the other is timed, and both see the same spells of a busy machine.
+  With half_precision, JAX's trunk computes in bfloat16 and torch runs under
+  autocast to bfloat16 (its AMP; bfloat16 needs no loss scaling), parameters
+  float32 on both sides.
   """
   config = default.get_config()  # 112 px, width 64, batch 32, Adam 1e-4
   config.image_size, config.batch_size = RESNET_IMAGE_SIZE, RESNET_BATCH
-  config.model.width, config.model.half_precision = 64, False
+  config.model.width, config.model.half_precision = 64, bool(half_precision)
   # XLA:CPU sizes its thread pool to the CPUs this process may run on, and
   # jaxlib has no setting for it; torch's default is the physical cores. So
   # torch is set to JAX's count.
@@ -488,7 +491,7 @@ def measure_resnet18(plan: Plan, with_torch: bool) -> dict:
     worker.send(op="init", threads=threads, batch_size=RESNET_BATCH,
                 image_size=RESNET_IMAGE_SIZE, num_classes=contract.NUM_CLASSES,
                 learning_rate=config.train.learning_rate, b1=config.train.adam_b1,
-                b2=config.train.adam_b2,
+                b2=config.train.adam_b2, amp=bool(half_precision),
                 # Same kind of device as JAX's (untested off CPU).
                 device="cuda" if jax.default_backend() == "gpu" else "cpu")
     worker.send(op="steps", n=plan.resnet_warmup)
@@ -799,7 +802,7 @@ def benchmark(config, plan: Plan, *, quick: bool, with_torch: bool, config_file:
   machine = machine_info()
   e2e, rss, runs = measure_end_to_end(config, plan.e2e_steps)
   progress("end to end measured")
-  resnet = measure_resnet18(plan, with_torch)
+  resnet = measure_resnet18(plan, with_torch, config.model.half_precision)
   progress("ResNet-18 compared")
   stages = measure_stages(config, plan, runs)
   progress("stage steps, matmul peak and pipeline measured")
@@ -849,7 +852,8 @@ def main(argv):
 if __name__ == "__main__":
   _CONFIG = cli.define_config_file(
       "config", "experiments/configs/default.py", "Config of the stage and end-to-end "
-      "measurements (the ResNet-18 comparison has its own fixed size).")
+      "measurements (the ResNet-18 comparison has its own fixed size, and follows "
+      "--config.model.half_precision: bfloat16 in JAX, autocast in torch).")
   _JSON = flags.DEFINE_string("json", None, "Where the results are written (JSON).")
   _MARKDOWN = flags.DEFINE_string("markdown", None, "Also a Markdown table of them.")
   _QUICK = flags.DEFINE_bool("quick", False, "Small sizes and counts (tests).")

@@ -8,7 +8,8 @@ and this one, each idle while the other runs.
 
 The protocol is one JSON object per line. The benchmark writes to stdin:
   {"op": "init", "threads": T, "batch_size": B, "image_size": S, "num_classes": C,
-   "learning_rate": lr, "b1": b1, "b2": b2, "device": "cpu" or "cuda"}
+   "learning_rate": lr, "b1": b1, "b2": b2, "device": "cpu" or "cuda",
+   "amp": false or true (autocast to bfloat16)}
   {"op": "steps", "n": N}     run N train steps, reply with their wall time
   {"op": "quit"}              (or end of input)
 and reads one reply per request from stdout: {"ok": true, ...} or
@@ -47,9 +48,14 @@ def _build(request: dict) -> tuple[dict, Callable[[], object]]:
       device, memory_format=torch.channels_last)
   labels = torch.randint(0, int(request["num_classes"]), (b,), generator=generator).to(device)
 
+  amp = bool(request.get("amp", False))
+
   def step():
     optimizer.zero_grad(set_to_none=True)
-    loss = torch.nn.functional.cross_entropy(model(images), labels)
+    # AMP as PyTorch users write it: autocast around the forward pass and the
+    # loss; bfloat16 (what JAX's half_precision uses) needs no GradScaler.
+    with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp):
+      loss = torch.nn.functional.cross_entropy(model(images), labels)
     loss.backward()
     optimizer.step()
     return loss
@@ -57,7 +63,7 @@ def _build(request: dict) -> tuple[dict, Callable[[], object]]:
   info = dict(torch=torch.__version__, torchvision=torchvision.__version__, device=str(device),
               default_threads=default_threads, threads=torch.get_num_threads(),
               interop_threads=torch.get_num_interop_threads(),
-              params=sum(p.numel() for p in model.parameters()))
+              params=sum(p.numel() for p in model.parameters()), amp=amp)
   return info, step
 
 

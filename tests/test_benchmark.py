@@ -175,3 +175,29 @@ def test_tables_render_a_run_without_torch(quick_run):
   assert "| PyTorch (not run) (eager, channels_last) | n/a |" in md
   assert "| ratio jax/torch | n/a |" in md
   assert benchmark.text_table(r)
+
+
+@pytest.mark.skipif(not HAS_TORCH, reason="torch (the data extra) is not installed")
+def test_torch_worker_runs_amp_steps_in_bfloat16():
+  """The GPU script's mixed-precision comparison: with amp the worker's forward
+  pass computes in bfloat16 (autocast), without it in float32. Catches an amp
+  flag that is accepted but never reaches the model."""
+  probe = (
+      "import json, torch\n"
+      "from experiments import benchmark_torch\n"
+      "seen = []\n"
+      "for amp in (False, True):\n"
+      "  info, step = benchmark_torch._build(dict(threads=1, batch_size=2, image_size=32,"
+      " num_classes=7, learning_rate=1e-3, b1=0.9, b2=0.999, device='cpu', amp=amp))\n"
+      "  dtypes = []\n"
+      "  handle = torch.nn.modules.module.register_module_forward_hook("
+      "lambda m, i, o: dtypes.append(str(o.dtype)) if isinstance(m, torch.nn.Linear) else None)\n"
+      "  loss = step(); handle.remove()\n"
+      "  seen.append(dict(amp=info['amp'], fc=dtypes[-1], finite=bool(torch.isfinite(loss))))\n"
+      "print(json.dumps(seen))\n")
+  result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=REPO))
+  assert result.returncode == 0, result.stderr[-2000:]
+  fp32, amp = json.loads(result.stdout.strip().splitlines()[-1])
+  assert fp32 == dict(amp=False, fc="torch.float32", finite=True)
+  assert amp == dict(amp=True, fc="torch.bfloat16", finite=True)
