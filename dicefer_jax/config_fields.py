@@ -5,8 +5,9 @@ a rerun with a different config is refused, except for the fields listed here:
 
 - COSMETIC fields change neither the model nor any number it reports (how often
   to log or checkpoint, where caches live, whether the same split is read from
-  the PNG files or through TFDS, whether one process or a multi-host job trains
-  on the same global batches): a finished run is reused whatever they say.
+  the PNG files or through TFDS, from memory or from disk, whether one process
+  or a multi-host job trains on the same global batches): a finished run is
+  reused whatever they say.
 - EXTENDABLE fields change results but not what a checkpoint means: a stage's
   `num_steps` may grow (training continues) in the same workdir.
 - EVALUATION fields (`eval.*`) never touch training; a finished run is
@@ -27,8 +28,11 @@ import ml_collections
 
 # `distributed` changes how processes share the work, not the batches or the
 # steps: a run may be resumed on one host after starting on many, and back.
+# `stream_above_mb` only chooses memory or disk for the same decoded pixels,
+# gathered by the same indices (tests/test_streaming.py checks the batches).
 COSMETIC = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_size",
-            "synthetic.cache_dir", "tfds_dir", "data_source", "distributed")
+            "synthetic.cache_dir", "tfds_dir", "data_source", "stream_above_mb",
+            "distributed")
 EXTENDABLE = ("stage1.num_steps", "stage2.num_steps", "stage3.num_steps",
               "baseline.num_steps")
 EVALUATION_PREFIX = "eval."

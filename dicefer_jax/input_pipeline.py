@@ -1,8 +1,11 @@
 """tf.data pipelines of same-expression pairs, single images and evaluation batches.
 
-Face sets are small (thousands of 112x112 grayscale images, a few tens of MB), so
-every PNG is decoded once into a uint8 array (`face_images.load_images`) and the pipelines
-only gather from that array: no per-step file IO or PNG decoding.
+Most face sets are small (thousands of 112x112 grayscale images, a few tens of
+MB), so every PNG is decoded once into a uint8 array (`face_images.load_images`)
+and the pipelines only gather from that array: no per-step file IO or PNG
+decoding. A set larger than memory comes as an `image_store.ImageStore` instead
+(decoded once into a file): the pipelines gather the same rows from it, by the
+same index tensors, through a `tf.numpy_function`, so the batches are the same.
 
 All randomness is stateless and indexed by the batch number: batch b of a
 pipeline is a pure function of (seed, b). The same seed therefore gives the same
@@ -32,6 +35,7 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
 from dicefer_jax.errors import DataError
+from dicefer_jax.image_store import ImageStore
 
 
 def _hide_gpus_from_tf() -> None:
@@ -60,9 +64,13 @@ _SHUFFLE_STREAM = 3
 # Shared pieces.
 
 
-def _check_images_labels(images: np.ndarray, labels: Sequence[int]
-                         ) -> tuple[np.ndarray, np.ndarray]:
-  images = np.asarray(images)
+Images = np.ndarray | ImageStore
+
+
+def _check_images_labels(images: Images, labels: Sequence[int]
+                         ) -> tuple[Images, np.ndarray]:
+  if not isinstance(images, ImageStore):  # a store is never read whole
+    images = np.asarray(images)
   if images.ndim == 3:
     images = images[..., None]
   if images.ndim != 4 or images.shape[-1] != 1 or images.shape[1] != images.shape[2]:
@@ -77,6 +85,25 @@ def _check_images_labels(images: np.ndarray, labels: Sequence[int]
   if images.shape[0] == 0:
     raise DataError("the face set is empty: there are no images to batch")
   return images, labels.astype(np.int32)
+
+
+def _image_gather(images: Images):
+  """A function (int64 index tensor [K]) -> uint8 images (K, S, S, 1).
+
+  An array becomes a graph constant gathered with tf.gather; a store is read by
+  the same indices through numpy (stateless: the rows depend only on the index).
+  """
+  size = images.shape[1]
+  if not isinstance(images, ImageStore):
+    table = tf.constant(images)
+    return lambda index: tf.gather(table, index)
+
+  def gather(index):
+    out = tf.numpy_function(images.gather, [index], tf.uint8, stateful=False)
+    # numpy_function loses the static shape; augmentation needs the batch size.
+    return tf.ensure_shape(out, index.shape.concatenate((size, size, 1)))
+
+  return gather
 
 
 def _check_batch_size(batch_size: int) -> int:
@@ -266,7 +293,7 @@ def pair_indices(labels: np.ndarray, subjects: Sequence[str] | None = None):
   return sample
 
 
-def pair_dataset(images: np.ndarray, labels: Sequence[int],
+def pair_dataset(images: Images, labels: Sequence[int],
                  subjects: Sequence[str] | None = None, *, batch_size: int,
                  seed: int, augment: bool = True,  # pylint: disable=redefined-outer-name
                  max_rotation_degrees: float = 15.0, flip: bool = True,
@@ -274,7 +301,8 @@ def pair_dataset(images: np.ndarray, labels: Sequence[int],
   """Infinite, class-balanced batches of same-expression pairs (M, N).
 
   Args:
-    images: uint8 (N, S, S, 1) (or (N, S, S)), e.g. from `load_images`.
+    images: uint8 (N, S, S, 1) (or (N, S, S)), e.g. from `load_images`, or an
+      `ImageStore` of them on disk.
     labels: expression index per image.
     subjects: subject id per image, "" where unknown (None: all unknown). M and N
       come from different subjects whenever that label has two or more.
@@ -294,7 +322,7 @@ def pair_dataset(images: np.ndarray, labels: Sequence[int],
   images, labels = _check_images_labels(images, labels)
   batch_size = _check_batch_size(batch_size)
   sample = pair_indices(labels, subjects)
-  table = tf.constant(images)
+  gather = _image_gather(images)
   base = _base_seed(seed, _PAIR_STREAM)
   size = images.shape[1]
 
@@ -303,9 +331,9 @@ def pair_dataset(images: np.ndarray, labels: Sequence[int],
         tf.random.experimental.stateless_fold_in(base, step), 3))
     m, n, label = sample(pair_seed, batch_size)
     batch = {
-        "image_m": _prepare(tf.gather(table, m), m_seed, augment,
+        "image_m": _prepare(gather(m), m_seed, augment,
                             max_rotation_degrees, flip),
-        "image_n": _prepare(tf.gather(table, n), n_seed, augment,
+        "image_n": _prepare(gather(n), n_seed, augment,
                             max_rotation_degrees, flip),
         "label": label,
     }
@@ -324,7 +352,7 @@ def pair_dataset(images: np.ndarray, labels: Sequence[int],
 # Single images.
 
 
-def classification_dataset(images: np.ndarray, labels: Sequence[int], *,
+def classification_dataset(images: Images, labels: Sequence[int], *,
                            batch_size: int, seed: int, augment: bool = True,  # pylint: disable=redefined-outer-name
                            max_rotation_degrees: float = 15.0, flip: bool = True,
                            start_step: int = 0) -> tf.data.Dataset:
@@ -339,7 +367,7 @@ def classification_dataset(images: np.ndarray, labels: Sequence[int], *,
   """
   images, labels = _check_images_labels(images, labels)
   batch_size = _check_batch_size(batch_size)
-  table = tf.constant(images)
+  gather = _image_gather(images)
   label_table = tf.constant(labels)
   num = images.shape[0]
   size = images.shape[1]
@@ -356,7 +384,7 @@ def classification_dataset(images: np.ndarray, labels: Sequence[int], *,
     index = tf.raw_ops.RandomIndexShuffle(
         index=pos, seed=seeds,
         max_index=tf.fill([batch_size], tf.constant(num - 1, tf.int64)))
-    image = _prepare(tf.gather(table, index),
+    image = _prepare(gather(index),
                      tf.random.experimental.stateless_fold_in(base, step),
                      augment, max_rotation_degrees, flip)
     return {"image": tf.ensure_shape(image, (batch_size, size, size, 1)),
@@ -371,7 +399,7 @@ def classification_dataset(images: np.ndarray, labels: Sequence[int], *,
 # Evaluation.
 
 
-def eval_dataset(images: np.ndarray, labels: Sequence[int], *,
+def eval_dataset(images: Images, labels: Sequence[int], *,
                  batch_size: int) -> tf.data.Dataset:
   """One pass over all images in order, padded to whole batches.
 
@@ -385,7 +413,7 @@ def eval_dataset(images: np.ndarray, labels: Sequence[int], *,
   """
   images, labels = _check_images_labels(images, labels)
   batch_size = _check_batch_size(batch_size)
-  table = tf.constant(images)
+  gather = _image_gather(images)
   label_table = tf.constant(labels)
   num = images.shape[0]
   size = images.shape[1]
@@ -395,7 +423,7 @@ def eval_dataset(images: np.ndarray, labels: Sequence[int], *,
     mask = index < num
     safe = tf.minimum(index, num - 1)
     image = tf.where(mask[:, None, None, None],
-                     tf.cast(tf.gather(table, safe), tf.float32), 0.0)
+                     tf.cast(gather(safe), tf.float32), 0.0)
     label = tf.where(mask, tf.gather(label_table, safe), 0)
     return {"image": tf.ensure_shape(standardize(image), (batch_size, size, size, 1)),
             "label": tf.ensure_shape(label, (batch_size,)),

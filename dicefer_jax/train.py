@@ -383,8 +383,12 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
   return state
 
 
-def predict(config, model, state: steps.StageState, images: np.ndarray) -> dict:
-  """Codes, features and logits of every image (eval mode), as numpy arrays."""
+def predict(config, model, state: steps.StageState, images) -> dict:
+  """Codes, features and logits of every image (eval mode), as numpy arrays.
+
+  `images` is a uint8 array or an `image_store.ImageStore` (a set larger than
+  memory): `eval_dataset` reads either one batch at a time.
+  """
   check_batch_divisible(config.eval_batch_size, "eval_batch_size")
   replicated, data_sharding = make_shardings()
   if jax.process_count() == 1:

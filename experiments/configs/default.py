@@ -25,6 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   # tfds_dir, "" = <cache>/tfds).
   config.data_source = "files"
   config.tfds_dir = ""
+  # A set whose decoded images (N x image_size^2 bytes) exceed this many MiB is
+  # decoded once into a file under the cache and read from disk by index (e.g.
+  # AffectNet: ~420,000 faces, ~5 GB at 112 px); smaller sets stay in memory.
+  # 0 = always read from disk. The batches are the same either way.
+  config.stream_above_mb = 2048
   config.image_size = 112
   # Subject-held-out k-fold (stratified when subjects are unknown; a manifest with
   # an official split column uses that instead).
