@@ -16,7 +16,6 @@ Usage:
 
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -31,6 +30,7 @@ from data_tools import synthetic  # pylint: disable=g-import-not-at-top,wrong-im
 from data_tools.audit import auditor, planting  # pylint: disable=g-import-not-at-top,wrong-import-position
 from data_tools.audit import findings as F  # pylint: disable=g-import-not-at-top,wrong-import-position
 from dicefer_jax import data as data_lib, fileio  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import benchmark  # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments.configs import audit_labels, default  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _JSON = flags.DEFINE_string("json", None, "Write the results here (JSON).")
@@ -39,17 +39,6 @@ _WORK_DIR = flags.DEFINE_string("work_dir", None, "Where the planted copy goes "
                                 "(default: a new temporary folder, kept).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the planting.")
 _MACHINE_NOTE = flags.DEFINE_string("machine_note", "", "How busy the machine was.")
-
-
-def _cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
 
 
 def markdown_table(result: dict) -> str:
@@ -95,7 +84,7 @@ def main(argv):
       planted_per_problem={p: sum(1 for q in planted if q.problem == p)
                            for p in planting.PROBLEMS},
       scores=scores, audit_wall_s=wall, audit=result.summary,
-      machine=dict(cpu=_cpu_model(), cores=fileio.default_workers(),
+      machine=dict(cpu=benchmark.machine_info()["cpu_model"], cores=fileio.default_workers(),
                    note=_MACHINE_NOTE.value),
       date=time.strftime("%Y-%m-%d"))
   print(json.dumps(fileio.json_safe(scores), indent=1))

@@ -303,20 +303,7 @@ def main(argv: Sequence[str], flag_values) -> int:
   except KeyboardInterrupt:
     print("interrupted: rerun the same command to resume", file=sys.stderr)
     return 130
-  reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["reasons"].items()))
-  print(f"kept {summary['kept']}, rejected {summary['rejected']}"
-        f"{f' ({reasons})' if reasons else ''}, errors {summary['errors']}, "
-        f"skipped {summary['skipped']} already done; "
-        f"{summary['total_kept']} faces in {summary['manifest']}; "
-        f"rejects in {summary['rejects']} ({summary['seconds']} s)")
-  if summary["errors"]:
-    print(f"warning: {summary['errors']} photo(s) failed with errors (see "
-          f"{summary['rejects']}); rerun to retry them", file=sys.stderr)
-  if summary["total_kept"] == 0:
-    print(f"error: no face was kept: see {summary['rejects']} for the reasons",
-          file=sys.stderr)
-    return 2
-  return 0
+  return preprocess.report(summary)
 
 
 def _run_command_line() -> None:

@@ -343,6 +343,11 @@ def main(argv, flag_values):
   except KeyboardInterrupt:
     print("interrupted: rerun the same command to resume", file=sys.stderr)
     return 130
+  return report(summary)
+
+
+def report(summary: dict) -> int:
+  """Prints a run's summary (and warnings); the exit status it calls for."""
   reasons = ", ".join(f"{k} {v}" for k, v in sorted(summary["reasons"].items()))
   print(f"kept {summary['kept']}, rejected {summary['rejected']}"
         f"{f' ({reasons})' if reasons else ''}, errors {summary['errors']}, "
