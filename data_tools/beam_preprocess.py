@@ -70,10 +70,8 @@ from apache_beam.options.pipeline_options import StandardOptions
 from data_tools import preprocess
 from data_tools import preprocess_pool
 from data_tools import preprocess_runs
-from data_tools.face_quality import ERROR
 from data_tools.face_quality import KEPT
 from data_tools.face_quality import make_detector
-from data_tools.face_quality import REJECTED
 from data_tools.face_quality import Settings
 from dicefer_jax import contract
 from dicefer_jax import face_detector
@@ -209,13 +207,8 @@ def run_beam_preprocess(items: Sequence[contract.Record], output_dir: str,
       total_kept = preprocess_runs.finalize(output_dir, log.state, wanted)
   finally:
     lock.release()
-  return {
-      "kept": counts[KEPT], "rejected": counts[REJECTED], "errors": counts[ERROR],
-      "skipped": skipped, "reasons": dict(reasons), "total_kept": total_kept,
-      "manifest": os.path.join(output_dir, contract.MANIFEST_NAME),
-      "rejects": os.path.join(output_dir, preprocess_runs.REJECTS_NAME),
-      "devices": sorted(devices), "seconds": round(time.monotonic() - started, 2),
-  }
+  return preprocess_runs.run_summary(counts, reasons, devices, skipped, total_kept,
+                                     output_dir, started)
 
 
 def _check_output_dir(output_dir: str) -> None:

@@ -21,6 +21,7 @@ import json
 import os
 import re
 import sys
+import time
 from typing import Iterable, Sequence
 
 from data_tools.face_quality import ERROR
@@ -227,3 +228,16 @@ def finalize(output_dir: str, state: dict[str, dict[str, str]],
   contract.write_manifest(output_dir, faces, extra_fields=("input",))
   _write_csv_atomic(os.path.join(output_dir, REJECTS_NAME), REJECT_FIELDS, rejects)
   return len(faces)
+
+
+def run_summary(counts, reasons, devices, skipped: int, total_kept: int,
+                output_dir: str, started: float) -> dict:
+  """What a preprocessing run (worker pool or Beam) reports; `started` is its
+  time.monotonic() at the start."""
+  return {
+      "kept": counts[KEPT], "rejected": counts[REJECTED], "errors": counts[ERROR],
+      "skipped": skipped, "reasons": dict(reasons), "total_kept": total_kept,
+      "manifest": os.path.join(output_dir, contract.MANIFEST_NAME),
+      "rejects": os.path.join(output_dir, REJECTS_NAME),
+      "devices": sorted(devices), "seconds": round(time.monotonic() - started, 2),
+  }

@@ -1,6 +1,9 @@
 """Shared pytest fixtures: tiny face sets written into tmp_path."""
 
+import contextlib
 import os
+import shutil
+import socket
 
 import cv2
 import numpy as np
@@ -14,6 +17,47 @@ from experiments.configs import tiny
 # it at once, and JAX's cache writes are not atomic. test_compilation_cache.py
 # turns it on for its own children, in a temporary directory.
 os.environ.setdefault("DICEFER_COMPILATION_CACHE", "0")
+
+# Headless chromium as the browser tests start it (no GPU, no sandbox in a
+# container, no background traffic: the machine is offline).
+CHROMIUM_ARGS = ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync")
+
+
+def missing_or_fail(reason: str):
+  """Skips with `reason`, or fails under CI, where every test must run."""
+  if os.environ.get("CI"):
+    pytest.fail(f"{reason} (CI is set: install it, see .ci/run)")
+  pytest.skip(reason)
+
+
+def free_port() -> int:
+  """A loopback port nothing listens on now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def chromium(extra_args=()):
+  """The system's chromium driven by Playwright (never a downloaded browser);
+  skips (fails under CI) when either is missing."""
+  executable = shutil.which("chromium") or shutil.which("chromium-browser")
+  if not executable:
+    missing_or_fail("chromium is not installed (apt-get install chromium)")
+  try:
+    from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    missing_or_fail("playwright is not installed: pip install -e '.[dev]'")
+  with sync_playwright() as p:
+    browser = p.chromium.launch(executable_path=executable, headless=True,
+                                args=[*CHROMIUM_ARGS, *extra_args])
+    try:
+      yield browser
+    finally:
+      browser.close()
+
 
 # Small on purpose: the CI machine has 2 shared cores.
 TINY_SUBJECTS = 6

@@ -11,8 +11,6 @@ fails.
 import hashlib
 import json
 import os
-import shutil
-import socket
 import threading
 import time
 
@@ -29,13 +27,11 @@ pytest.importorskip("httpx")
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from starlette.testclient import TestClient
 
+from conftest import chromium, free_port
+
 from data_tools.audit import findings as findings_lib
 from data_tools.audit import review
 from dicefer_jax.webapp import app as webapp
-
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 
 # path -> (expression, subject) of the fixture's images.
 IMAGES = {
@@ -318,24 +314,11 @@ def test_app_without_a_model(faceset):
 # The page, in headless chromium.
 
 
-def _missing(reason: str):
-  """Skips with `reason`, or fails under CI, where every test must run."""
-  if os.environ.get("CI"):
-    pytest.fail(f"{reason} (CI is set: install it, see .ci/run)")
-  pytest.skip(reason)
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture
 def served(faceset):
   """The review app under uvicorn on a loopback port: (base URL, data_dir)."""
   import uvicorn  # pylint: disable=g-import-not-at-top
-  port = _free_port()
+  port = free_port()
   server = uvicorn.Server(uvicorn.Config(review.build_review_app(faceset),
                                          host="127.0.0.1", port=port,
                                          log_level="warning"))
@@ -353,19 +336,8 @@ def served(faceset):
 
 @pytest.fixture
 def browser_page():
-  executable = shutil.which("chromium") or shutil.which("chromium-browser")
-  if not executable:
-    _missing("chromium is not installed (apt-get install chromium)")
-  try:
-    from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    _missing("playwright is not installed: pip install -e '.[dev]'")
-  with sync_playwright() as p:
-    browser = p.chromium.launch(executable_path=executable, headless=True,
-                                args=CHROMIUM_ARGS)
-    page = browser.new_page(viewport=dict(width=1200, height=900))
-    yield page
-    browser.close()
+  with chromium() as browser:
+    yield browser.new_page(viewport=dict(width=1200, height=900))
 
 
 def _card(key):

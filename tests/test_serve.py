@@ -23,24 +23,15 @@ import numpy as np
 import pytest
 from skimage import data as skimage_data
 
+from conftest import chromium, free_port, missing_or_fail
 from dicefer_jax import contract
 from dicefer_jax import workdir as workdir_lib
 from experiments.configs import tiny
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=REPO, TF_ENABLE_ONEDNN_OPTS="0", TF_CPP_MIN_LOG_LEVEL="2")
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync"]
 # Set to write the page's screenshot to docs/webapp.png (the README's picture).
 SCREENSHOT_ENV = "DICEFER_UPDATE_SCREENSHOT"
-
-
-def _missing(reason: str):
-  """Skips with `reason`, or fails under CI, where every test must run."""
-  if os.environ.get("CI"):
-    pytest.fail(f"{reason} (CI is set: install it, see .ci/run)")
-  pytest.skip(reason)
 
 
 def _web_extra_or_skip():
@@ -48,7 +39,7 @@ def _web_extra_or_skip():
     try:
       __import__(module)
     except ImportError:
-      _missing(f"{module} is not installed: pip install -e '.[web,dev]'")
+      missing_or_fail(f"{module} is not installed: pip install -e '.[web,dev]'")
 
 
 def _write_inputs(root: str) -> dict:
@@ -123,12 +114,6 @@ server.run()
 """
 
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
   return _write_inputs(str(tmp_path_factory.mktemp("inputs")))
@@ -138,7 +123,7 @@ def inputs(tmp_path_factory):
 def server(trained_workdir, inputs, tmp_path_factory):
   """(TestClient report, base URL of the running server)."""
   _web_extra_or_skip()
-  port = _free_port()
+  port = free_port()
   log = open(tmp_path_factory.mktemp("log") / "server.log", "w+")
   proc = subprocess.Popen([sys.executable, "-c", _SERVER_SCRIPT, trained_workdir,
                            json.dumps(inputs), str(port)],
@@ -296,21 +281,9 @@ def test_cli_reports_a_missing_workdir_in_one_line(tmp_path):
 
 @pytest.fixture(scope="module")
 def browser(inputs):
-  executable = shutil.which("chromium") or shutil.which("chromium-browser")
-  if not executable:
-    _missing("chromium is not installed (apt-get install chromium)")
-  try:
-    from playwright.sync_api import sync_playwright  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    _missing("playwright is not installed: pip install -e '.[dev]'")
-  with sync_playwright() as p:
-    browser = p.chromium.launch(
-        executable_path=executable, headless=True,
-        args=CHROMIUM_ARGS + ["--use-fake-device-for-media-stream",
-                              "--use-fake-ui-for-media-stream",
-                              f"--use-file-for-fake-video-capture={inputs['clip']}"])
+  with chromium(["--use-fake-device-for-media-stream", "--use-fake-ui-for-media-stream",
+                 f"--use-file-for-fake-video-capture={inputs['clip']}"]) as browser:
     yield browser
-    browser.close()
 
 
 @pytest.fixture
