@@ -7,6 +7,7 @@ when one exists, and skips itself when its final checkpoint is already there.
 """
 
 import json
+import os
 import time
 from typing import Callable, Sequence
 
@@ -14,7 +15,7 @@ from absl import logging
 import jax
 import numpy as np
 
-from dicefer_jax import checkpoints, contract, fileio, models, steps
+from dicefer_jax import checkpoints, contract, fileio, models, pretrained, steps
 from dicefer_jax import workdir as workdir_lib
 from dicefer_jax.data import FaceData
 from dicefer_jax.errors import UserError
@@ -35,6 +36,28 @@ def prerequisite(stage: str, config) -> str | None:
   return {"stage2": "stage1", "stage3": "stage2", "baseline": None}[stage]
 
 
+def pretrained_trunk_path(config) -> str | None:
+  """The trunk file both encoders start from (`stage1.init_from=PATH`), or None.
+
+  The file is written offline from a torchvision resnet18 state dict by
+  `python -m data_tools.torchvision_resnet`; training reads it with numpy only
+  (torch never enters a training process).
+  """
+  init_from = config.stage1.init_from
+  if init_from in ("", "baseline"):
+    return None
+  if init_from.endswith((".pth", ".pt")):
+    raise UserError(
+        f"stage1.init_from={init_from!r} is a PyTorch file: convert it first with "
+        f"`python -m data_tools.torchvision_resnet --pth={init_from} --out=trunk.npz` "
+        "and pass --config.stage1.init_from=trunk.npz")
+  if not os.path.isfile(init_from):
+    raise UserError(f"stage1.init_from={init_from!r}: no such file; use '' (random "
+                    "init), 'baseline' (supervised warm-up) or a trunk .npz written by "
+                    "`python -m data_tools.torchvision_resnet`")
+  return init_from
+
+
 def _stage_flag(stage: str) -> str:
   return stage[-1] if stage.startswith("stage") else stage
 
@@ -53,7 +76,7 @@ def stages_for(config, stage_flag: str) -> list[str]:
     raise UserError(f"unknown method {config.method!r}: use 'dicefer' or 'baseline'")
   init_from = config.stage1.init_from
   if init_from not in ("", "baseline"):
-    raise UserError(f"stage1.init_from={init_from!r}: use '' (random init) or 'baseline'")
+    pretrained_trunk_path(config)  # refuses, in one line, what it cannot load
   warmup = ["baseline"] if init_from == "baseline" else []
   if stage_flag == "all":
     return warmup + list(DICEFER_STAGES)
@@ -150,13 +173,19 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _restore_target(state: steps.StageState) -> steps.StageState:
-  """The template Orbax restores into. Across processes it must be a global array
-  (replicated over the mesh), so that every process reads the same checkpoint
-  into its devices; on one host it stays as it was."""
-  if jax.process_count() == 1:
-    return state
-  return jax.device_put(state, make_shardings()[0])
+def restore_template(stage: str, config, model) -> steps.StageState:
+  """What Orbax restores a stage's checkpoint into: the shapes and dtypes of
+  `initial_state`, placed replicated over the mesh, computed without running it.
+
+  An eager initialisation only to be overwritten cost ~10 s of compilation per
+  process (restore_trained in evaluation, every prerequisite in training); tracing
+  it abstractly costs a fraction of a second. Across processes the placement makes
+  every process read the same checkpoint into its devices as one global array.
+  """
+  replicated = make_shardings()[0]
+  shapes = jax.eval_shape(lambda: initial_state(stage, config, model))
+  return jax.tree.map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), shapes)
 
 
 # ----------------------------------------------------------------------------
@@ -166,8 +195,9 @@ def initial_state(stage: str, config, model, prev_state=None) -> steps.StageStat
   """A fresh state for `stage`: parameters from `prev_state` or a new init."""
   key = jax.random.PRNGKey(config.seed)
   init_key, stage_key = jax.random.split(key)
-  params, batch_stats = models.init_variables(model, init_key, config.image_size)
-  if prev_state is not None:
+  if prev_state is None:
+    params, batch_stats = models.init_variables(model, init_key, config.image_size)
+  else:  # nothing to initialise (an init here would be computed and thrown away)
     params, batch_stats = prev_state.params, prev_state.batch_stats
   rng = jax.random.fold_in(stage_key, ALL_STAGES.index(stage))
   return steps.create_state(stage, params, batch_stats,
@@ -286,8 +316,8 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
           f"{stage} needs the final checkpoint of {prev} in "
           f"{checkpoints.stage_dir(workdir, prev)}: run --stage={_stage_flag(prev)} first "
           "(or --stage=all)")
-    prev_template = _restore_target(initial_state(prev, config, model))
-    prev_state, _ = checkpoints.restore_final(workdir, prev, prev_template)
+    prev_state, _ = checkpoints.restore_final(workdir, prev,
+                                              restore_template(prev, config, model))
   stale = checkpoints.stale_reason(workdir, stage, prev)
   if stale:
     # Its checkpoints rest on parameters that are gone: train it again from the
@@ -300,17 +330,23 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
       _print(f"{stage}: {stale}; retraining it (old checkpoints moved to {moved})")
     _sync(f"{stage}_set_aside")
 
-  state = initial_state(stage, config, model, prev_state)
   replicated, data_sharding = make_shardings()
   check_batch_divisible(config.batch_size)
   mngr = checkpoints.manager(workdir, stage, keep=config.keep_checkpoints)
   start = mngr.latest_step()
-  if start is not None:
+  if start is None:
+    state = initial_state(stage, config, model, prev_state)
+    trunk_path = pretrained_trunk_path(config) if stage == "stage1" else None
+    if trunk_path:  # E_exp and E_id both start from the pretrained trunk
+      params, batch_stats = pretrained.with_pretrained_trunks(
+          state.params, state.batch_stats, trunk_path)
+      state = state.replace(params=params, batch_stats=batch_stats)
+  else:
     if start > num_steps:
       mngr.close()
       raise UserError(f"{stage} already has a checkpoint at step {start} > num_steps="
                       f"{num_steps}: raise --config.{stage}.num_steps or use a new workdir")
-    state, _ = checkpoints.restore(mngr, _restore_target(state))
+    state, _ = checkpoints.restore(mngr, restore_template(stage, config, model))
     if start == num_steps:
       logging.info("%s: already complete (step %d), skipping", stage, start)
       mngr.close()
@@ -432,8 +468,8 @@ def restore_trained(config, workdir: str):
                       f"`python -m experiments.run --workdir={workdir} --stage=all` first")
   model = models.build_model(config.model, contract.NUM_CLASSES)
   stage = final_stage(config)
-  state, _ = checkpoints.restore_final(
-      workdir, stage, _restore_target(initial_state(stage, config, model)))
+  state, _ = checkpoints.restore_final(workdir, stage,
+                                       restore_template(stage, config, model))
   return model, state
 
 

@@ -118,6 +118,33 @@ def test_save_restore_round_trip_is_bit_identical(stage1_setup, tmp_path):
   assert dict(restored_meta) == meta
 
 
+def test_restore_into_the_abstract_template_equals_a_concrete_restore(stage1_setup,
+                                                                      tmp_path):
+  """Catches a restore template (train.restore_template, shapes only, no eager
+  init) that differs from the state a stage really has: a missing or extra leaf
+  (the stage-2 discriminator's optax state), a wrong dtype, or leaves left
+  abstract instead of restored; and restored arrays not placed on the mesh."""
+  config, fresh = stage1_setup
+  model = models.build_model(config.model, contract.NUM_CLASSES)
+  template = train.restore_template("stage1", config, model)
+  assert all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in jax.tree.leaves(template))
+  workdir = str(tmp_path / "wd")
+  saved = _perturbed(fresh, step=5)
+  _save(workdir, "stage1", saved, {"stage": "stage1", "num_steps": 6, "lineage": {}})
+  restored, _ = checkpoints.restore_final(workdir, "stage1", template)
+  _assert_identical(restored, saved)
+  replicated = train.make_shardings()[0]
+  assert all(leaf.sharding.is_equivalent_to(replicated, leaf.ndim)
+             for leaf in jax.tree.leaves(restored))
+  # Every stage's template has the structure and dtypes of its real state.
+  for stage in train.ALL_STAGES:
+    real = jax.eval_shape(lambda s=stage: train.initial_state(s, config, model))
+    abstract = train.restore_template(stage, config, model)
+    assert jax.tree.structure(abstract) == jax.tree.structure(real)
+    assert [(a.shape, a.dtype) for a in jax.tree.leaves(abstract)] == [
+        (r.shape, r.dtype) for r in jax.tree.leaves(real)]
+
+
 def test_restore_final_and_restore_of_an_older_step(stage1_setup, tmp_path):
   """Catches restore ignoring `step` (always the latest) and restore_final
   reading anything but the newest checkpoint."""
