@@ -9,6 +9,7 @@ trained further after stage 2 finished) is stale: `stale_reason` says so.
 """
 
 import os
+import shutil
 import time
 
 import flax
@@ -101,6 +102,19 @@ def stale_reason(workdir: str, stage: str, prerequisite: str | None) -> str | No
   changed = ", ".join(f"{k} step {recorded.get(k)} -> {v}" for k, v in expected.items()
                       if recorded.get(k) != v)
   return f"{stage} was trained from an older {prerequisite} ({changed})"
+
+
+def copy_final(source_workdir: str, workdir: str, stage: str) -> int:
+  """Copies the final checkpoint of `stage` from another workdir into `workdir`
+  (which has none of that stage); returns its step. The source is untouched."""
+  step = latest_step(source_workdir, stage)
+  if step is None:
+    raise ValueError(f"{source_workdir} has no {stage} checkpoint to copy")
+  if has_checkpoint(workdir, stage):
+    raise ValueError(f"{workdir} already has {stage} checkpoints; nothing was copied")
+  source = os.path.join(stage_dir(source_workdir, stage), str(step))
+  shutil.copytree(source, os.path.join(stage_dir(workdir, stage), str(step)))
+  return step
 
 
 def set_aside(workdir: str, stage: str) -> str:

@@ -36,6 +36,13 @@ COSMETIC = ("log_every", "checkpoint_every", "keep_checkpoints", "eval_batch_siz
 EXTENDABLE = ("stage1.num_steps", "stage2.num_steps", "stage3.num_steps",
               "baseline.num_steps")
 EVALUATION_PREFIX = "eval."
+# Fields the supervised "baseline" stage never reads. That stage is one and the
+# same computation whether it is the baseline method or DICE-FER's warm-up
+# (`stage1.init_from="baseline"`): same seed, data, split, model init, optimiser
+# and steps give the same checkpoint. Every model.* field counts, even a critic's
+# width: the stage's checkpoint holds every module's initial parameters.
+NOT_READ_BY_BASELINE_STAGE = ("method", "loss.", "stage1.", "stage2.", "stage3.",
+                              "train.disc_")
 
 
 def get_field(config, field: str) -> Any:
@@ -85,6 +92,12 @@ def may_change_in_workdir(field: str) -> bool:
 def changes_results(field: str) -> bool:
   """Whether a different value of `field` can change any reported number."""
   return field not in COSMETIC
+
+
+def same_baseline_stage(a, b) -> bool:
+  """Whether configs `a` and `b` train the same "baseline"-stage checkpoint."""
+  return all(f in COSMETIC or is_evaluation(f) or f.startswith(NOT_READ_BY_BASELINE_STAGE)
+             for f in differences(a, b))
 
 
 def differences(a, b) -> list[str]:

@@ -304,9 +304,17 @@ class StabilityMonitor:
 
 
 def train_stage(stage: str, config, workdir: str, model, data: FaceData,
-                writer: MetricWriter, make_step: Callable = steps.make_step
-                ) -> steps.StageState:
-  """Trains one stage to its num_steps, resuming from its latest checkpoint."""
+                writer: MetricWriter, make_step: Callable = steps.make_step,
+                timings: dict | None = None) -> steps.StageState:
+  """Trains one stage to its num_steps, resuming from its latest checkpoint.
+
+  `timings`, when given, receives the seconds this call spent in the step loop
+  (`steps`: steps, their input and logging) and in checkpoint saves within it
+  (`checkpoints`); what else it took (restoring, initialising, compiling on the
+  first step) is the caller's wall time minus these.
+  """
+  clock = timings if timings is not None else {}
+  clock.update(steps=0.0, checkpoints=0.0)
   num_steps = int(config[stage].num_steps)
   prev = prerequisite(stage, config)
   prev_state = None
@@ -387,10 +395,20 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
           f"checkpoint (step {last_good_save}) is kept in {checkpoints.stage_dir(workdir, stage)}."
           " Lower --config.train.learning_rate or set --config.train.grad_clip_norm=1.0")
 
+  def save():
+    # The save waits for the steps still running; they are steps, not saving.
+    jax.block_until_ready(state)
+    started = time.perf_counter()
+    checkpoints.save(mngr, state, meta)
+    clock["checkpoints"] += time.perf_counter() - started
+
+  loop_start = None
   try:
     if num_steps == 0:  # a skipped stage (an ablation) still hands its state on
-      checkpoints.save(mngr, state, meta)
+      save()
     for step in range(start + 1, num_steps + 1):
+      if step == start + 2:  # after the first step, which compiles the program
+        loop_start = time.perf_counter()
       batch = global_batch(next(batches), data_sharding)
       state, metrics = step_fn(state, batch)
       pending.append(metrics)
@@ -411,9 +429,13 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
       if step % config.checkpoint_every == 0 or step == num_steps:
         if pending:
           check_finite()
-        checkpoints.save(mngr, state, meta)
+        save()
         last_good_save = step
-    mngr.wait_until_finished()
+    loop_end = time.perf_counter()
+    if loop_start is not None:
+      clock["steps"] = loop_end - loop_start - clock["checkpoints"]
+    mngr.wait_until_finished()  # the last save's writes, after the loop
+    clock["checkpoints"] += time.perf_counter() - loop_end
   finally:
     mngr.close()
   return state
@@ -475,19 +497,33 @@ def restore_trained(config, workdir: str):
 
 def train_and_evaluate(config, workdir: str, stage_names: Sequence[str], data: FaceData,
                        make_step: Callable = steps.make_step) -> dict | None:
-  """Runs the stages in order; after the final stage, measures test accuracy."""
+  """Runs the stages in order; after the final stage, measures test accuracy.
+
+  The summary's `timings_s` says where this call's time went, per stage:
+  `total` (wall), `steps` and `checkpoints` (see train_stage); the rest of a
+  stage's total is restoring, initialising and compiling.
+  """
   model = models.build_model(config.model, contract.NUM_CLASSES)
   writer = MetricWriter(workdir)
+  timings = {}
   try:
     state = None
     for stage in stage_names:
-      state = train_stage(stage, config, workdir, model, data, writer, make_step)
+      started = time.perf_counter()
+      timings[stage] = {}
+      state = train_stage(stage, config, workdir, model, data, writer, make_step,
+                          timings[stage])
+      timings[stage]["total"] = time.perf_counter() - started
     if stage_names[-1] != final_stage(config):
       return None
+    started = time.perf_counter()
     out = predict(config, model, state, data.test_images)
     accuracy = float(np.mean(out["prediction"] == data.test_labels))
+    timings["test_accuracy"] = {"total": time.perf_counter() - started}
     summary = dict(test_accuracy=accuracy, num_test=int(len(data.test_labels)),
-                   split=data.split_info.as_dict(), data_dir=data.data_dir)
+                   split=data.split_info.as_dict(), data_dir=data.data_dir,
+                   timings_s={name: {k: round(v, 3) for k, v in t.items()}
+                              for name, t in timings.items()})
     writer.write(stage_names[-1], int(state.step), dict(test_accuracy=accuracy))
     if is_primary():
       fileio.write_json_atomic(workdir_lib.train_metrics_path(workdir), summary)

@@ -36,7 +36,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from dicefer_jax import config_fields, fileio, splits, train
+from dicefer_jax import checkpoints, config_fields, fileio, splits, train
 from dicefer_jax import data as data_lib
 from dicefer_jax import workdir as workdir_lib
 from dicefer_jax.errors import UserError
@@ -238,6 +238,46 @@ def reusable_metrics(config, workdir: str) -> dict | None:
   return metrics
 
 
+def adopt_warmup(config, workdir: str, candidates: Sequence[str]) -> str | None:
+  """Copies a finished warm-up into `workdir` instead of training it again.
+
+  DICE-FER's warm-up (`stage1.init_from="baseline"`) and the baseline method are
+  the same "baseline" stage; so are the warm-ups of every DICE-FER variant that
+  differs only in what comes after it (losses, later stages). Within a fold, the
+  first run trains it and the others copy its final checkpoint, when the
+  donor's saved config trains the very same stage
+  (`config_fields.same_baseline_stage`). Returns the donor's workdir, or None
+  (nothing to adopt: `workdir` needs no warm-up, has one already, or no donor fits).
+  """
+  if ("baseline" not in train.stages_for(config, "all")
+      or checkpoints.has_checkpoint(workdir, "baseline")):
+    return None
+  final_step = int(config.baseline.num_steps)
+  for donor in candidates:
+    if (os.path.abspath(donor) == os.path.abspath(workdir)
+        or not os.path.exists(workdir_lib.config_path(donor))
+        or checkpoints.latest_step(donor, "baseline") != final_step):
+      continue
+    saved = workdir_lib.read_config(donor, default.get_config())
+    if config_fields.same_baseline_stage(saved, config):
+      # The config first: a workdir's checkpoints are only ever read with it.
+      workdir_lib.save_config(config, workdir, default.get_config())
+      checkpoints.copy_final(donor, workdir, "baseline")
+      return donor
+  return None
+
+
+def _timings(seconds: float, train_summary: dict | None, metrics: dict | None) -> dict:
+  """Where a run's time went: training steps, evaluation, and everything else
+  (data, initialising, compiling, checkpoints, test predictions)."""
+  stages = (train_summary or {}).get("timings_s") or {}
+  steps = sum(t.get("steps", 0.0) for t in stages.values())
+  evaluation = ((metrics or {}).get("timings_s") or {}).get("total", 0.0)
+  return dict(total=round(seconds, 1), steps=round(steps, 1),
+              evaluation=round(evaluation, 1),
+              other=round(seconds - steps - evaluation, 1))
+
+
 def summarize(rows: list[dict], variants: Sequence[Variant]) -> dict:
   """{variant: {metric: {mean, std, n}}} over the finished folds (std with ddof=1)."""
   summary = {}
@@ -279,6 +319,25 @@ def markdown(report: dict) -> str:
     cells = [_fmt(r["metrics"].get(key)) for key, _, _ in METRICS]
     lines.append(f"| {r['variant']} | {r['fold']} | {r['status']} | " + " | ".join(cells)
                  + " |")
+  timed = [r for r in report["rows"] if r.get("timings_s")]
+  if timed:
+    lines += ["", "## Where the time went (mean seconds per run trained here)", "",
+              "other = data, initialising, compiling, checkpoints and test predictions: "
+              "everything but training steps and evaluation.", "",
+              "| variant | runs | total | steps | evaluation | other | other share |",
+              "|---|---|---|---|---|---|---|"]
+    for v in variants:
+      runs = [r["timings_s"] for r in timed if r["variant"] == v["name"]]
+      if runs:
+        mean = {k: sum(t[k] for t in runs) / len(runs)
+                for k in ("total", "steps", "evaluation", "other")}
+        lines.append(f"| {v['name']} | {len(runs)} | {mean['total']:.1f} | "
+                     f"{mean['steps']:.1f} | {mean['evaluation']:.1f} | "
+                     f"{mean['other']:.1f} | {mean['other'] / max(mean['total'], 1e-9):.1%} |")
+    adopted = [r for r in report["rows"] if r.get("warmup_from")]
+    if adopted:
+      lines += ["", "Warm-ups copied instead of trained again: " + ", ".join(
+          f"{r['variant']} fold {r['fold']} from {r['warmup_from']}" for r in adopted) + "."]
   errors = [r for r in report["rows"] if r.get("error")]
   if errors:
     lines += ["", "## Failed runs", ""]
@@ -359,10 +418,17 @@ def run_protocol(config, workdir: str, *, folds: int | None = None,
       else:
         print(f"[protocol] {variant.name} {row['fold']}: training and evaluating in {wd}",
               flush=True)
+        donors = [run_dir(workdir, v, fold) for v in variants if v is not variant]
+        donor = adopt_warmup(cfg, wd, donors)
+        if donor is not None:
+          row["warmup_from"] = os.path.relpath(donor, workdir)
+          print(f"[protocol] {variant.name} {row['fold']}: warm-up copied from {donor} "
+                "(the same baseline stage)", flush=True)
         try:
-          run_fn(cfg, wd, "all", faces=sets.get(cfg))
+          train_summary = run_fn(cfg, wd, "all", faces=sets.get(cfg))
           metrics = evaluate_fn(wd, faces=sets.get(cfg))
           row["status"] = "ran"
+          row["timings_s"] = _timings(time.time() - start, train_summary, metrics)
         except train.TrainingDiverged as e:
           # A diverged run is a result (the config is unstable), not a reason to
           # lose the other runs: it is listed, and left out of the means.

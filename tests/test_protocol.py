@@ -17,7 +17,8 @@ import jax
 import numpy as np
 import pytest
 
-from dicefer_jax import checkpoints, contract, face_images, models, steps, train
+from dicefer_jax import checkpoints, config_fields, contract, face_images, models, steps
+from dicefer_jax import train
 from dicefer_jax import data as data_lib
 from dicefer_jax import workdir as workdir_lib
 from dicefer_jax.errors import UserError
@@ -613,3 +614,64 @@ def test_protocol_end_to_end_resumes_an_interrupted_fold(tiny_config, tmp_path, 
   assert report["summary"]["baseline"]["mig"]["n"] == 0
   md = open(os.path.join(workdir, "protocol.md")).read()
   assert "| dicefer | 2/2 |" in md and "| baseline | 2/2 |" in md
+  # Where each run's time went: the parts add up, and training steps were timed.
+  for r in report["rows"]:
+    if r["status"] == "ran":
+      t = r["timings_s"]
+      assert t["steps"] + t["evaluation"] + t["other"] == pytest.approx(t["total"], abs=0.11)
+      assert t["evaluation"] > 0 and t["other"] > 0
+  def stage_timings(variant, fold):
+    path = workdir_lib.train_metrics_path(os.path.join(workdir, variant, f"fold{fold}"))
+    return json.load(open(path))["timings_s"]
+  assert stage_timings("baseline", 1)["baseline"]["steps"] > 0  # resumed: steps 3-4
+  skipped = stage_timings("baseline", 0)["baseline"]  # trained before, found complete
+  assert (skipped["steps"], skipped["checkpoints"]) == (0, 0)
+  assert stage_timings("dicefer", 1)["stage1"]["steps"] == 0  # 0 steps configured
+  assert "## Where the time went" in md
+
+
+def test_a_warmup_is_trained_once_per_fold_and_copied_where_it_is_the_same(
+    tiny_config, tmp_path):
+  """The baseline method and DICE-FER's warm-up are one computation. Catches a
+  copied warm-up that differs from the one the run would have trained (a field
+  the baseline stage does read left out of the comparison), a copy between runs
+  whose warm-ups differ (another learning rate, another critic width: the
+  stage's checkpoint holds every module's init), and a copy that touches the
+  donor or a run that has a warm-up already."""
+  config = tiny_config
+  config.baseline.num_steps = 3
+  config.stage1.init_from = "baseline"
+  for stage in ("stage1", "stage2", "stage3"):
+    config[stage].num_steps = 0
+  variants = {v.name: v for v in protocol.make_variants(config, protocol.METHODS)}
+  donor = str(tmp_path / "baseline")
+  run_lib.run(protocol.run_config(config, variants["baseline"], 0, 2), donor, "all")
+  donor_files = sorted(os.listdir(checkpoints.stage_dir(donor, "baseline")))
+
+  dicefer = protocol.run_config(config, variants["dicefer"], 0, 2)
+  dicefer.loss.zeta = 0.5   # read by stage 2 only: the warm-up is the same
+  adopted, trained = str(tmp_path / "adopted"), str(tmp_path / "trained")
+  assert protocol.adopt_warmup(dicefer, adopted, [str(tmp_path / "nothing"), donor]) == donor
+  assert protocol.adopt_warmup(dicefer, adopted, [donor]) is None  # has one now
+  run_lib.run(dicefer, adopted, "all")
+  run_lib.run(dicefer, trained, "all")   # the same run, its warm-up trained here
+  model = models.build_model(dicefer.model, contract.NUM_CLASSES)
+  template = train.restore_template("baseline", dicefer, model)
+  copied, _ = checkpoints.restore_final(adopted, "baseline", template)
+  own, _ = checkpoints.restore_final(trained, "baseline", template)
+  assert jax.tree.all(jax.tree.map(np.array_equal, copied, own))
+  for stage in ("stage1", "stage3"):  # and what was trained on top of it
+    template = train.restore_template(stage, dicefer, model)
+    assert jax.tree.all(jax.tree.map(
+        np.array_equal, checkpoints.restore_final(adopted, stage, template)[0],
+        checkpoints.restore_final(trained, stage, template)[0]))
+  assert sorted(os.listdir(checkpoints.stage_dir(donor, "baseline"))) == donor_files
+
+  for field, value in (("train.learning_rate", 0.5), ("model.critic_hidden", 8),
+                       ("seed", 7)):
+    other = dicefer.copy_and_resolve_references()
+    config_fields.set_field(other, field, value)
+    assert protocol.adopt_warmup(other, str(tmp_path / field), [donor]) is None, field
+  no_warmup = dicefer.copy_and_resolve_references()
+  no_warmup.stage1.init_from = ""
+  assert protocol.adopt_warmup(no_warmup, str(tmp_path / "random"), [donor]) is None
