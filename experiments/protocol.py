@@ -356,8 +356,12 @@ def markdown(report: dict) -> str:
       f"steps, early-stopped on validation pairs) on held-out pairs, mean of "
       f"{mig['num_seeds']} seeds.",
       "- leakage = accuracy of a linear probe naming the subject from the code, "
-      "trained and tested on different images of the training subjects; compare "
-      "with leakage chance (the majority-subject rate). Lower = less identity.",
+      "fitted on half of each TEST subject's images (people neither encoder saw) "
+      "and tested on the other half, every representation first projected to the "
+      f"same number of principal components ({report['eval_settings']['probe_pca_dim']}, "
+      "capped by the narrowest code; PCA fitted on training images), so widths "
+      "match; compare with leakage chance (the majority-subject rate). Lower = "
+      "less identity.",
       "- retrieval = share of each test image's "
       f"{report['eval_settings']['retrieval_k']} nearest neighbours, among other "
       "people only, with the same expression; chance = that share for random "

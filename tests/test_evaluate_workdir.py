@@ -1,5 +1,6 @@
 """experiments.evaluate on a workdir: the evaluators wired to the right codes,
-images and settings, metrics.json and the report, and its errors.
+images and settings, metrics.json and the report, its errors, and the export of
+every image's codes.
 
 The metrics themselves are tested on constructed codes in test_metrics.py; here
 each number in metrics.json is recomputed by hand from the restored model, so a
@@ -43,15 +44,27 @@ def _untrained_workdir(config, workdir, method="dicefer"):
 
 
 def _by_hand(workdir):
-  """(config, settings, data, test outputs, train outputs) recomputed from scratch."""
+  """(config, settings, data, test outputs, probe indices into the test split,
+  outputs of the training images the probe's PCA is fitted on), from scratch."""
   config = workdir_lib.read_config(workdir, default.get_config())
   settings = evaluator.EvalSettings.from_config(config.eval)
   model, state = train.restore_trained(config, workdir)
   data = data_lib.split_faces(config, data_lib.load_face_set(config.data_dir))
-  idx = common.subsample_by_subject(data.train_subjects, settings.probe_max_images,
+  idx = common.subsample_by_subject(data.test_subjects, settings.probe_max_images,
                                     settings.seed)
+  fit = common.subsample(len(data.train_labels), settings.probe_max_images, settings.seed)
   return (config, settings, data, train.predict(config, model, state, data.test_images),
-          idx, train.predict(config, model, state, data.train_images[idx]))
+          idx, train.predict(config, model, state, data.train_images[fit]))
+
+
+def _probes_by_hand(codes, train_codes, subjects, labels, settings, num_components):
+  """(raw probe, PCA-matched probe) of one code, as the evaluator should run them."""
+  probe = lambda x: identity.identity_probe(x, subjects, labels,
+                                            test_fraction=settings.probe_test_fraction,
+                                            seed=settings.seed)
+  project = identity.fit_pca(train_codes, num_components)
+  return (json.loads(json.dumps(probe(codes))),
+          json.loads(json.dumps(dict(probe(project(codes)), input_dim=codes.shape[1]))))
 
 
 def test_every_dicefer_number_is_the_evaluator_on_the_right_codes(tiny_config, tmp_path):
@@ -68,14 +81,24 @@ def test_every_dicefer_number_is_the_evaluator_on_the_right_codes(tiny_config, t
   assert saved["num_examples"] == len(data.test_labels)
   assert saved["representation"]["expression"] == "z_exp"
 
-  # Leakage: the subject probe on each code of training subjects' images.
-  subjects = [data.train_subjects[i] for i in idx]
+  # Leakage: the subject probe on each code of the TEST split's people, raw and
+  # projected to the narrowest code's width (z_exp, 8-d in the tiny config) by a
+  # PCA of training images' codes.
+  leak = saved["identity_leakage"]
+  subjects = [data.test_subjects[i] for i in idx]
+  assert set(subjects) == set(data.test_subjects) and not set(subjects) & set(
+      data.train_subjects)
+  assert leak["pca_dim"] == tiny_config.model.exp_dim == 8
   for name in ("z_exp", "z_id", "feature"):
-    expected = identity.identity_probe(train_out[name], subjects, data.train_labels[idx],
-                                       test_fraction=settings.probe_test_fraction,
-                                       seed=settings.seed)
-    assert saved["identity_leakage"]["probes"][name] == json.loads(json.dumps(expected))
-  assert saved["identity_leakage"]["accuracy"] == saved["identity_leakage"]["probes"]["z_exp"]["accuracy"]
+    raw, matched = _probes_by_hand(out[name][idx], train_out[name], subjects,
+                                   data.test_labels[idx], settings, leak["pca_dim"])
+    assert leak["probes_raw"][name] == raw
+    assert leak["probes"][name] == matched and matched["code_dim"] == 8
+  assert leak["probes_raw"]["feature"]["code_dim"] == 8 * tiny_config.model.width
+  assert leak["accuracy"] == leak["probes"]["z_exp"]["accuracy"]
+  assert leak["accuracy_raw"] == leak["probes_raw"]["z_exp"]["accuracy"]
+  assert leak["chance"] == leak["probes"]["z_exp"]["chance"]
+  assert leak["num_subjects"] == len(set(data.test_subjects))
 
   # Retrieval on the test codes, z_exp as the expression representation.
   expected = retrieval.cross_subject_retrieval(out["z_exp"], data.test_labels,
@@ -87,9 +110,17 @@ def test_every_dicefer_number_is_the_evaluator_on_the_right_codes(tiny_config, t
   # MIG: the same critics on the same test codes give the same per-seed values.
   mig = mi_estimation.modified_mig(data.test_labels, data.test_subjects, z_exp=out["z_exp"],
                                    z_id=out["z_id"], feature=out["feature"],
-                                   settings=settings.mig)
+                                   predictions=out["prediction"], settings=settings.mig)
   assert saved["mig"]["per_seed"] == pytest.approx(mig["per_seed"])
   assert len(saved["mig"]["per_seed"]) == tiny_config.eval.mig.num_seeds
+  assert saved["mig"]["interval"] == pytest.approx(json.loads(json.dumps(mig["interval"])))
+  assert saved["mig"]["terms"]["exp_pair"]["plugin_bound"] == json.loads(json.dumps(
+      mig["terms"]["exp_pair"]["plugin_bound"]))
+  # Calibrated at the terms' sizes and the codes' widths.
+  for name in ("exp_pair", "exp_id"):
+    c = saved["mig"]["calibration"][name]
+    assert (c["x_dim"], c["z_dim"]) == (8, 8) and len(c["levels"]) == 3
+    assert c["num_heldout"] == saved["mig"]["terms"][name]["num_heldout"]
   assert "stage2.num_steps=0" in " ".join(saved["notes"])
 
   for name in ("confusion", "tsne_exp_by_expression", "tsne_exp_by_subject",
@@ -97,7 +128,13 @@ def test_every_dicefer_number_is_the_evaluator_on_the_right_codes(tiny_config, t
     assert os.path.getsize(os.path.join(workdir, "eval", saved["plots"][name]["file"])) > 1000
   report = open(os.path.join(workdir, "eval", "report.md")).read()
   assert f"| accuracy | {saved['accuracy']:.3f} |" in report
-  assert f"| identity leakage (z_exp) | {saved['identity_leakage']['accuracy']:.3f} |" in report
+  assert (f"| identity leakage (z_exp, held-out subjects, 8 PCs) | "
+          f"{leak['accuracy']:.3f} |") in report
+  assert "## MI estimator calibration" in report
+  line = evaluate_lib.summary_line(saved)
+  assert (f"leakage {leak['accuracy']:.3f} (chance {leak['chance']:.3f}; "
+          "held-out subjects, 8 PCs)") in line
+  assert f"[{saved['mig']['interval']['low']:.3f}, {saved['mig']['interval']['high']:.3f}]" in line
 
 
 def test_baseline_reports_the_terms_it_has_and_null_with_reasons(tiny_config, tmp_path):
@@ -112,14 +149,19 @@ def test_baseline_reports_the_terms_it_has_and_null_with_reasons(tiny_config, tm
   assert m["mig"]["mean"] is None and "no identity encoder" in m["mig"]["reason"]
   assert m["mig"]["terms"]["feature_pair"]["mean"] is not None
   assert m["mig"]["representation_pair"] == "feature_pair"
-  probes = m["identity_leakage"]["probes"]
-  assert probes["z_exp"]["accuracy"] is None and probes["z_exp"]["reason"]
-  assert probes["z_id"]["accuracy"] is None
-  expected = identity.identity_probe(
-      train_out["feature"], [data.train_subjects[i] for i in idx], data.train_labels[idx],
-      test_fraction=settings.probe_test_fraction, seed=settings.seed)
-  assert probes["feature"] == json.loads(json.dumps(expected))
-  assert m["identity_leakage"]["accuracy"] == expected["accuracy"]
+  leak = m["identity_leakage"]
+  for probes in (leak["probes"], leak["probes_raw"]):
+    assert probes["z_exp"]["accuracy"] is None and probes["z_exp"]["reason"]
+    assert probes["z_id"]["accuracy"] is None
+  # The feature alone sets the width: 32-d, under probe_pca_dim=64.
+  assert leak["pca_dim"] == 8 * tiny_config.model.width
+  raw, matched = _probes_by_hand(out["feature"][idx], train_out["feature"],
+                                 [data.test_subjects[i] for i in idx],
+                                 data.test_labels[idx], settings, leak["pca_dim"])
+  assert leak["probes"]["feature"] == matched and leak["probes_raw"]["feature"] == raw
+  assert leak["accuracy"] == matched["accuracy"]
+  assert set(m["mig"]["calibration"]) == {"feature_pair"}
+  assert m["mig"]["calibration"]["feature_pair"]["x_dim"] == 8 * tiny_config.model.width
   assert m["retrieval"]["precision_at_k"] == m["retrieval"]["by_code"]["feature"]["precision_at_k"]
   assert m["plots"]["tsne_exp_by_expression"]["file"] is None
   assert "turned off" in m["plots"]["tsne_exp_by_expression"]["reason"]
@@ -157,6 +199,13 @@ def test_eval_overrides_change_the_settings_and_bad_ones_are_one_line(tiny_confi
     evaluate_lib.evaluate(workdir, {"no_such": 1})
   with pytest.raises(UserError, match="retrieval_metric"):
     evaluate_lib.evaluate(workdir, {"retrieval_metric": "manhattan"})
+  with pytest.raises(UserError, match=r"--config.eval.probe_pca_dim=0 must be at least 1"):
+    evaluate_lib.evaluate(workdir, {"probe_pca_dim": 0})
+  with pytest.raises(UserError, match=r"mig.bootstrap_resamples=-1 must be 0 or more"):
+    evaluate_lib.evaluate(workdir, {"mig.bootstrap_resamples": -1})
+  m = evaluate_lib.evaluate(workdir, {"mig.calibrate": False, "probe_pca_dim": 4})
+  assert "turned off" in m["mig"]["calibration"]["reason"]
+  assert m["identity_leakage"]["pca_dim"] == 4
 
 
 def test_baseline_config_file_takes_a_base_name():
@@ -186,3 +235,55 @@ def test_baseline_config_string_through_config_flags(tiny_faceset, tmp_path):
   m = evaluate_lib.evaluate(workdir)
   assert m["method"] == "baseline" and m["stage"] == "baseline"
   assert np.sum(m["confusion"]) == m["num_examples"]
+
+
+def test_export_codes_writes_every_image_and_refuses_to_overwrite(trained_workdir, tmp_path):
+  """Bug caught: codes of one split only, rows out of line with their labels,
+  subjects or paths, test codes that are not the model's, or an export that
+  silently replaces an earlier file."""
+  target = str(tmp_path / "codes.npz")
+  assert evaluate_lib.evaluate(trained_workdir, export_codes=target, export_only=True) is None
+  config, _, data, out, _, _ = _by_hand(trained_workdir)
+  saved = np.load(target)
+  n_train, n_test = len(data.train_labels), len(data.test_labels)
+  assert saved["is_test"].sum() == n_test and len(saved["is_test"]) == n_train + n_test
+  assert not saved["is_test"][:n_train].any()
+  for name, width in (("z_exp", config.model.exp_dim), ("z_id", config.model.id_dim),
+                      ("feature", 8 * config.model.width)):
+    assert saved[name].shape == (n_train + n_test, width) and saved[name].dtype == np.float32
+  test = saved["is_test"]
+  np.testing.assert_allclose(saved["z_exp"][test], out["z_exp"], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(saved["prediction"][test], out["prediction"])
+  np.testing.assert_array_equal(saved["label"], np.concatenate([data.train_labels,
+                                                                data.test_labels]))
+  assert list(saved["subject"]) == list(data.train_subjects) + list(data.test_subjects)
+  # Each path names its row's expression folder and subject (the tiny set's
+  # files are <expression>/<subject>_<k>.png), and exists.
+  for path, label, subject in zip(saved["path"], saved["label"], saved["subject"]):
+    assert path.startswith(f"{contract.EXPRESSIONS[label]}/{subject}_"), path
+    assert os.path.exists(os.path.join(config.data_dir, path))
+  assert str(saved["method"]) == "dicefer" and list(saved["class_names"]) == list(
+      contract.EXPRESSIONS)
+  # Test accuracy recomputed from the file alone.
+  assert np.mean(saved["prediction"][test] == saved["label"][test]) == pytest.approx(
+      np.mean(out["prediction"] == data.test_labels))
+  assert not os.path.exists(workdir_lib.eval_metrics_path(trained_workdir))
+
+  before = os.path.getmtime(target)
+  with pytest.raises(UserError, match="exists: it is never overwritten"):
+    evaluate_lib.evaluate(trained_workdir, export_codes=target)
+  assert os.path.getmtime(target) == before
+  with pytest.raises(UserError, match="needs --export_codes"):
+    evaluate_lib.evaluate(trained_workdir, export_only=True)
+  with pytest.raises(UserError, match="name a .npz file"):
+    evaluate_lib.evaluate(trained_workdir, export_codes=str(tmp_path / "codes"))
+
+
+def test_export_codes_then_the_usual_evaluation(trained_workdir, tmp_path):
+  """Without --export_only the export comes with the evaluation, not instead of it."""
+  target = str(tmp_path / "more_codes.npz")
+  result = evaluate_lib.evaluate(trained_workdir, {"mig.calibrate": False,
+                                                   "tsne_max_points": 0},
+                                 export_codes=target)
+  assert os.path.exists(target) and result["num_examples"] == np.load(target)["is_test"].sum()
+  assert os.path.exists(workdir_lib.eval_metrics_path(trained_workdir))

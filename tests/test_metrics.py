@@ -1,5 +1,6 @@
 """Disentanglement metrics on constructed codes whose right answer is known."""
 
+import dataclasses
 import os
 
 import jax
@@ -8,11 +9,13 @@ import numpy as np
 import pytest
 
 from dicefer_jax import mi, models, plots
-from dicefer_jax.evaluation import common, embedding, identity, mi_estimation, retrieval
+from dicefer_jax.evaluation import (common, embedding, identity, mi_estimation, plugin_mi,
+                                    retrieval)
 
-# Few seeds and the default critic otherwise: every MI test below shares one
-# compiled critic trainer (same settings, same padded shapes).
-SETTINGS = mi_estimation.CriticSettings(num_seeds=2)
+# Few seeds, no calibration (tested on its own) and the default critic
+# otherwise: every MI test below shares one compiled critic trainer (same
+# settings, same padded shapes).
+SETTINGS = mi_estimation.CriticSettings(num_seeds=2, calibrate=False)
 
 
 def _grid(num_subjects=10, per_cell=2, num_classes=7):
@@ -122,6 +125,9 @@ def test_mig_is_high_for_expression_codes_and_drops_when_they_carry_identity():
   # The pair shares the expression (log 7 = 1.95 nats at most); z_exp and z_id
   # are independent by construction.
   assert clean["terms"]["exp_pair"]["mean"] > 1.0, clean
+  # ... and not above it: marginal samples that left out rows sharing an image
+  # with no compensation lacked same-expression pairs, and overshot (2.2 nats).
+  assert clean["terms"]["exp_pair"]["mean"] < np.log(7) + 0.1, clean
   assert abs(clean["terms"]["exp_id"]["mean"]) < 0.15, clean
   assert clean["mean"] == pytest.approx(
       clean["terms"]["exp_pair"]["mean"] - clean["terms"]["exp_id"]["mean"], abs=1e-6)
@@ -157,6 +163,170 @@ def test_mig_on_too_few_images_is_null_not_an_error():
   result = mi_estimation.modified_mig(labels, ["a", "b", "a", "b"], z_exp=np.eye(4),
                                    z_id=np.eye(4), feature=np.eye(4), settings=SETTINGS)
   assert result["mean"] is None and "too few" in result["reason"]
+
+
+def _pair_rows(num_subjects=6, per_cell=3, pairs_per_image=4):
+  labels, _, subjects = _grid(num_subjects=num_subjects, per_cell=per_cell)
+  m, n = mi_estimation.same_expression_pairs(labels, subjects,
+                                             pairs_per_image=pairs_per_image, seed=0)
+  return labels, np.stack([m, n], axis=1)
+
+
+def _bad_marginals(rows, partners):
+  """(i, j) where (x_i, z_j) shares an image with row i, or is a listed pair
+  (in either order), checked the slow way."""
+  listed = {(a, b) for a, b in rows} | {(b, a) for a, b in rows}
+  bad = []
+  for k in range(partners.shape[0]):
+    for i in range(len(rows)):
+      j = partners[k, i]
+      if set(rows[i]) & set(rows[j]) or (rows[i][0], rows[j][1]) in listed:
+        bad.append((i, j))
+  return bad
+
+
+def test_marginal_samples_never_share_an_image_nor_form_a_joint_pair():
+  """Bug caught: marginal samples taken from a shuffle of pair rows in which every
+  image appears ~8 times, so that x_i met the code of its own image, of its own
+  partner, or of another of its listed partners (a joint pair) in the DV bound's
+  log-mean-exp."""
+  labels, rows = _pair_rows()
+  # Today's shuffle (any other row) does hit such rows: the check can fail.
+  shuffle = np.asarray(jax.vmap(lambda k: mi.marginal_permutation(k, len(rows)))(
+      jax.random.split(jax.random.PRNGKey(0), 10)))
+  assert _bad_marginals(rows, shuffle)
+  partners, _ = mi_estimation.marginal_partners(rows, 10, seed=0, strata=labels[rows[:, 1]],
+                                                rows=len(rows) + 7)
+  assert partners.shape == (10, len(rows) + 7) and not partners[:, len(rows):].any()
+  assert not _bad_marginals(rows, partners[:, :len(rows)])
+  # The held-out marginals the estimator actually scores obey the same rule.
+  codes = np.random.default_rng(0).normal(size=(len(labels), 3))
+  parts = np.array_split(np.random.default_rng(1).permutation(len(rows)), 3)
+  result = mi_estimation.dv_mutual_information_estimate(
+      *(a for p in parts for a in (codes[rows[p, 0]], codes[rows[p, 1]])), seed=0,
+      settings=SETTINGS, row_images=tuple(rows[p] for p in parts),
+      row_strata=tuple(labels[rows[p, 1]] for p in parts), return_scores=True)
+  assert result["partners"].shape == (SETTINGS.eval_permutations, len(parts[2]))
+  assert not _bad_marginals(rows[parts[2]], result["partners"])
+  assert result["marginal"].shape == result["partners"].shape
+
+
+def test_refused_marginal_partners_are_redrawn_within_their_expression():
+  """Bug caught: refusing partners (all of the row's own expression) and
+  redrawing from every row, which starves the marginals of same-expression pairs
+  and pushes the DV bound above the truth."""
+  labels, rows = _pair_rows(num_subjects=6, per_cell=2)
+  z_label = labels[rows[:, 1]]
+  partners, fallbacks = mi_estimation.marginal_partners(rows, 200, seed=0, strata=z_label)
+  same = np.mean(z_label[partners] == z_label[None, :])
+  # Independent draws of two rows share the expression 1/7 of the time.
+  assert same == pytest.approx(1 / 7, abs=0.01) and fallbacks == 0
+  unstratified, _ = mi_estimation.marginal_partners(rows, 200, seed=0)
+  assert np.mean(z_label[unstratified] == z_label[None, :]) < 1 / 7 - 0.03
+
+
+def test_marginal_partners_of_independent_rows_are_any_other_row():
+  rows = np.repeat(np.arange(5)[:, None], 2, axis=1)
+  partners, _ = mi_estimation.marginal_partners(rows, 50, seed=0)
+  assert np.all(partners != np.arange(5)) and set(partners.ravel()) == set(range(5))
+  with pytest.raises(ValueError, match="shares an image with every other row"):
+    mi_estimation.marginal_partners(np.array([[0, 1], [1, 2]]), 1, seed=0)
+
+
+def test_weighted_dv_bound_equals_the_bound_on_repeated_rows():
+  """The bootstrap's weighted bound is the DV bound of the resampled rows."""
+  rng = np.random.default_rng(0)
+  joint, marginal = rng.normal(size=6), 3 * rng.normal(size=(4, 6))
+  counts = np.array([2, 0, 1, 3, 0, 0])
+  repeated = np.repeat(np.arange(6), counts)
+  expected = mi_estimation.dv_bound_from_scores(joint[repeated], marginal[:, repeated])
+  weighted = mi_estimation.dv_bound_from_scores(joint, marginal, counts[None])
+  np.testing.assert_allclose(weighted, [expected], rtol=1e-12)
+  # Unweighted: the plain DV bound over all K x n marginal scores.
+  plain = np.mean(joint) - (np.log(np.mean(np.exp(marginal))))
+  assert mi_estimation.dv_bound_from_scores(joint, marginal) == pytest.approx(plain)
+
+
+def test_calibration_error_is_small_at_zero_and_the_estimate_stays_below_high_truth():
+  """Bug caught: a calibration that is not the estimator's (other sizes, or MI
+  that is not the stated truth), or an estimator that overshoots known MI."""
+  levels = (0.0, 2.0)
+  result = mi_estimation.calibrate_estimator(4, 3, (300, 100, 200), settings=SETTINGS,
+                                             levels=levels)
+  zero, high = result["levels"]
+  assert zero["truth"] == 0.0 and abs(zero["error"]) < 0.1, result
+  assert 0.5 * high["truth"] < high["estimate"] < high["truth"], result
+  assert high["error"] == pytest.approx(high["estimate"] - 2.0)
+  assert (result["num_train"], result["num_validation"], result["num_heldout"]) == (
+      300, 100, 200)
+  assert result["correlated_dims"] == 3 and result["max_abs_error"] == pytest.approx(
+      max(abs(zero["error"]), abs(high["error"])))
+  # The data's MI is the stated truth: -k/2 log(1 - rho^2) with the sample's rho.
+  x, z, rho = mi_estimation.correlated_gaussians(20000, 4, 3, 2.0, seed=0)
+  assert -3 / 2 * np.log(1 - rho ** 2) == pytest.approx(2.0)
+  assert np.corrcoef(x[:, 0], z[:, 0])[0, 1] == pytest.approx(rho, abs=0.01)
+  assert abs(np.corrcoef(x[:, 3], z[:, 0])[0, 1]) < 0.03
+
+
+def test_mig_reports_calibration_at_its_terms_sizes_bootstrap_and_plugin_bounds():
+  """Bug caught: calibration at other sizes or widths than the terms it vouches
+  for, a bootstrap that drops the MIG's covariance, plug-in bounds missing."""
+  labels, subject_idx, subjects = _grid(num_subjects=10, per_cell=2)
+  rng = np.random.default_rng(0)
+  z_exp = np.eye(7)[labels] + 0.1 * rng.normal(size=(len(labels), 7))
+  z_id = np.eye(10)[subject_idx] + 0.1 * rng.normal(size=(len(labels), 10))
+  settings = dataclasses.replace(SETTINGS, calibrate=True)
+  result = mi_estimation.modified_mig(labels, subjects, z_exp=z_exp, z_id=z_id,
+                                      feature=z_exp, predictions=labels, settings=settings)
+  terms = result["terms"]
+  for name, widths in (("exp_pair", (7, 7)), ("exp_id", (7, 10))):
+    c = result["calibration"][name]
+    assert (c["x_dim"], c["z_dim"]) == widths
+    assert (c["num_train"], c["num_validation"], c["num_heldout"]) == tuple(
+        terms[name][k] for k in ("num_train", "num_validation", "num_heldout"))
+    assert [l["truth"] for l in c["levels"]] == pytest.approx([0, np.log(7) / 2, np.log(7)])
+  assert "feature_pair" not in result["calibration"]
+  # Intervals: resampled held-out images; the MIG's from the same resamples.
+  for stats in (result, terms["exp_pair"], terms["exp_id"]):
+    interval = stats["interval"]
+    assert interval["low"] <= interval["high"] and interval["resamples"] == 200
+  assert result["interval"]["low"] <= result["mean"] + 0.3
+  assert result["interval"]["high"] >= result["mean"] - 0.3
+  # Perfect predictions: the label pair table holds log 7; subjects and
+  # expressions are independent by construction: ~0 for the identity bound.
+  pair = terms["exp_pair"]["plugin_bound"]
+  assert pair["mean"] == pytest.approx(np.log(7), abs=0.05) and len(pair["per_seed"]) == 2
+  assert terms["feature_pair"]["plugin_bound"] == pair
+  assert abs(terms["exp_id"]["plugin_bound"]["mean"]) < 0.15
+  off = mi_estimation.modified_mig(labels, subjects, z_exp=z_exp, z_id=z_id, feature=z_exp,
+                                   settings=dataclasses.replace(SETTINGS,
+                                                                bootstrap_resamples=0))
+  assert "turned off" in off["calibration"]["reason"] and off["interval"] is None
+  assert "plugin_bound" not in off["terms"]["exp_pair"]
+
+
+def test_plugin_mutual_information_matches_a_hand_computed_table():
+  # Counts [[3, 1], [1, 3]] of 8 samples: p = [[3/8, 1/8], [1/8, 3/8]], margins 1/2.
+  a = [0, 0, 0, 0, 1, 1, 1, 1]
+  b = [0, 0, 0, 1, 0, 1, 1, 1]
+  expected = 2 * 3 / 8 * np.log((3 / 8) / (1 / 4)) + 2 * 1 / 8 * np.log((1 / 8) / (1 / 4))
+  result = plugin_mi.plugin_mutual_information(a, b)
+  np.testing.assert_array_equal(plugin_mi.contingency_table(a, b), [[3, 1], [1, 3]])
+  assert result["plugin"] == pytest.approx(expected)
+  # Miller-Madow: + (m_a - 1 + m_b - 1 - (m_ab - 1)) / 2N = (1 + 1 - 3) / 16.
+  assert result["miller_madow"] == pytest.approx(expected - 1 / 16)
+  assert result["num_samples"] == 8 and result["nonzero_cells"] == 4
+  # A copy: I = H = log 2, one bin fewer per variable than cells of a full table.
+  copy = plugin_mi.plugin_mutual_information(["x", "y", "x", "y"], ["p", "q", "p", "q"])
+  assert copy["plugin"] == pytest.approx(np.log(2))
+  assert copy["miller_madow"] == pytest.approx(np.log(2) + 1 / 8)
+  # Independent 3 x 2 table, uniform: 0, and the correction goes negative.
+  ind = plugin_mi.plugin_mutual_information(np.repeat([0, 1, 2], 2), np.tile([0, 1], 3))
+  assert ind["plugin"] == pytest.approx(0.0, abs=1e-12)
+  assert ind["miller_madow"] == pytest.approx((2 + 1 - 5) / 12)
+  assert plugin_mi.plugin_mutual_information([1], [1])["miller_madow"] is None
+  with pytest.raises(ValueError):
+    plugin_mi.plugin_mutual_information([1, 2], [1, 2, 3])
 
 
 # ----------------------------------------------------------------------------
@@ -200,6 +370,20 @@ def test_expression_codes_do_not_leak_identity():
 def test_probe_without_known_subjects_is_null_with_the_reason():
   result = identity.identity_probe(np.eye(4), ["", "", "", ""], np.zeros(4, int))
   assert result["accuracy"] is None and "subject" in result["reason"]
+
+
+def test_pca_projection_keeps_the_leading_components_of_the_fitting_codes():
+  rng = np.random.default_rng(0)
+  fit = rng.normal(size=(2000, 5)) * np.array([10.0, 5.0, 0.1, 0.1, 0.1])
+  project = identity.fit_pca(fit, 2)
+  other = rng.normal(size=(7, 5))
+  out = project(other)
+  assert out.shape == (7, 2)
+  # Leading directions = the first two axes (up to sign), centred on the fit's mean.
+  expected = other[:, :2] - fit.mean(0)[:2]
+  np.testing.assert_allclose(np.abs(out), np.abs(expected), atol=0.05)
+  with pytest.raises(ValueError, match="principal components"):
+    identity.fit_pca(fit[:, :1], 2)
 
 
 def test_subsample_by_subject_spreads_over_known_subjects():

@@ -1,5 +1,5 @@
 """Helpers every evaluator shares: how a metric reports "cannot be computed",
-mean and spread over seeds, subject ids and subsampling."""
+mean and spread over seeds, bootstrap intervals, subject ids and subsampling."""
 
 import numpy as np
 
@@ -19,6 +19,20 @@ def mean_std(values) -> dict:
   return dict(mean=float(np.mean(values)), std=std, n=len(values))
 
 
+def percentile_interval(values, level: float = 0.95) -> dict:
+  """The central `level` percentile interval of bootstrap values (non-finite ones,
+  e.g. a resample that drew no row, are left out and counted)."""
+  values = np.asarray(values, np.float64)
+  finite = values[np.isfinite(values)]
+  if not len(finite):
+    return dict(low=None, high=None, level=level, resamples=0,
+                dropped=int(len(values)))
+  tail = 100.0 * (1.0 - level) / 2.0
+  low, high = np.percentile(finite, [tail, 100.0 - tail])
+  return dict(low=float(low), high=float(high), level=level, resamples=int(len(finite)),
+              dropped=int(len(values) - len(finite)))
+
+
 def unavailable(reason: str, **fields) -> dict:
   """The report of a metric that cannot be computed: null values and why."""
   return dict(fields, reason=reason)
@@ -27,7 +41,6 @@ def unavailable(reason: str, **fields) -> dict:
 def known_subjects(subjects) -> np.ndarray:
   """Subject ids as an object array; "" (unknown) stays ""."""
   return np.asarray(["" if s is None else str(s) for s in subjects], dtype=object)
-
 
 
 def subsample_by_subject(subjects, max_images: int, seed: int) -> np.ndarray:
@@ -47,7 +60,6 @@ def subsample_by_subject(subjects, max_images: int, seed: int) -> np.ndarray:
   if max_images and len(keep) > max_images:
     keep = np.sort(rng.choice(keep, max_images, replace=False))
   return keep
-
 
 
 def subsample(n: int, max_points: int, seed: int) -> np.ndarray:

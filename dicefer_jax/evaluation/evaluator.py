@@ -4,9 +4,14 @@ Besides accuracy, macro-F1, per-class recall and the confusion matrix, it
 measures what the method claims, side by side for DICE-FER and the baseline:
 
 - mig: the modified MIG, I(z_exp(M); z_exp(N)) - I(z_exp(M); z_id(M)), by freshly
-  trained DV critics scored on held-out pairs of test images (mean/std over seeds);
-- identity_leakage: a linear probe naming the subject from the expression code,
-  on images of training subjects it was not fitted on, against chance;
+  trained DV critics scored on held-out pairs of test images (mean/std over seeds,
+  a bootstrap interval over the held-out images, plug-in bounds from predicted
+  labels, and the estimator's measured error on Gaussians of known MI);
+- identity_leakage: a linear probe naming the subject from each code, on the
+  TEST split's people (images no encoder trained on), fitted and tested on
+  different images of each person, against chance; the headline compares codes
+  at one width (each projected to the same number of principal components,
+  fitted on training images' codes), the raw-width probes are kept beside it;
 - retrieval: how often an image's nearest neighbours among OTHER people share
   its expression;
 - t-SNE maps of the codes coloured by expression and by subject.
@@ -39,9 +44,12 @@ class EvalSettings:
 
   Attributes:
     mig: critic settings of the MIG's MI terms.
-    probe_max_images: training images (spread over subjects) the identity probe
-      uses; each subject's share is split between fitting and testing the probe.
+    probe_max_images: test images (spread over subjects) the identity probe uses,
+      each subject's share split between fitting and testing the probe; also the
+      number of training images whose codes the probe's PCA is fitted on.
     probe_test_fraction: share of each subject's images that tests the probe.
+    probe_pca_dim: principal components every code is projected to for the
+      like-for-like probe (capped by the narrowest code).
     retrieval_k: neighbours per query.
     retrieval_metric: 'cosine' or 'euclidean'.
     tsne_max_points: test images in the t-SNE maps; 0 = no t-SNE.
@@ -51,6 +59,7 @@ class EvalSettings:
   mig: mi_estimation.CriticSettings = mi_estimation.CriticSettings()
   probe_max_images: int = 2000
   probe_test_fraction: float = 0.5
+  probe_pca_dim: int = 64
   retrieval_k: int = 6
   retrieval_metric: str = "cosine"
   tsne_max_points: int = 1000
@@ -64,13 +73,18 @@ class EvalSettings:
         **{f"mig.{k}": c.mig[k] for k in ("num_seeds", "num_steps", "hidden",
                                           "batch_size", "pairs_per_image",
                                           "eval_permutations")},
-        retrieval_k=c.retrieval_k)
+        retrieval_k=c.retrieval_k, probe_pca_dim=c.probe_pca_dim)
     for name, value in at_least_one.items():
       if value < 1:
         raise UserError(f"--config.eval.{name}={value} must be at least 1")
-    for name in ("probe_max_images", "tsne_max_points"):
-      if c[name] < 0:
-        raise UserError(f"--config.eval.{name}={c[name]} must be 0 or more")
+    for name, value in (("probe_max_images", c.probe_max_images),
+                        ("tsne_max_points", c.tsne_max_points),
+                        ("mig.bootstrap_resamples", c.mig.bootstrap_resamples)):
+      if value < 0:
+        raise UserError(f"--config.eval.{name}={value} must be 0 or more")
+    if not isinstance(c.mig.calibrate, bool):
+      raise UserError(f"--config.eval.mig.calibrate={c.mig.calibrate!r} must be True or "
+                      "False")
     for name, value in (("probe_test_fraction", c.probe_test_fraction),
                         ("mig.heldout_fraction", c.mig.heldout_fraction),
                         ("mig.validation_fraction", c.mig.validation_fraction)):
@@ -81,7 +95,8 @@ class EvalSettings:
                       "'cosine' or 'euclidean'")
     return cls(mig=mi_estimation.CriticSettings(**c.mig.to_dict()),
                probe_max_images=c.probe_max_images,
-               probe_test_fraction=c.probe_test_fraction, retrieval_k=c.retrieval_k,
+               probe_test_fraction=c.probe_test_fraction, probe_pca_dim=c.probe_pca_dim,
+               retrieval_k=c.retrieval_k,
                retrieval_metric=c.retrieval_metric, tsne_max_points=c.tsne_max_points,
                seed=c.seed)
 
@@ -98,39 +113,76 @@ def expression_codes(config, out: dict) -> tuple[dict, dict, str]:
 
 
 def identity_leakage(config, model, state, data: FaceData, settings: EvalSettings,
-                     expression_repr: str) -> dict:
-  """The subject probe on each code, on training subjects' images."""
+                     expression_repr: str, test_out: dict) -> dict:
+  """The subject probe on each code of the TEST split's people, raw and PCA-matched.
+
+  Test subjects: the encoders never trained on their images, so the probe
+  measures what a code tells about people it never saw, not what it memorised
+  of the training set. Each person's images are split between fitting and
+  testing the probe. The headline (`accuracy`, `probes`) projects every code to
+  the same number of principal components first, fitted on training images'
+  codes (never the probe's images), so a wider code cannot leak more by being
+  wider; `probes_raw` probes each code at its own width.
+  """
   probe_settings = dict(max_images=settings.probe_max_images,
                         test_fraction=settings.probe_test_fraction,
                         classifier="LogisticRegression(C=1.0), standardised inputs",
-                        split="each training subject's images split between fitting "
-                              "and testing the probe, expression mixes matched")
-  idx = common.subsample_by_subject(data.train_subjects, settings.probe_max_images,
+                        split="each test-split subject's images split between fitting "
+                              "and testing the probe, expression mixes matched",
+                        pca_dim=settings.probe_pca_dim)
+  names = ("z_exp", "z_id", "feature")
+  idx = common.subsample_by_subject(data.test_subjects, settings.probe_max_images,
                                     settings.seed)
-  if len(set(data.train_subjects[i] for i in idx)) < 2:
-    reason = ("subject ids of the training images are unknown (fewer than 2 known "
-              "subjects): identity leakage needs them")
-    probes = {name: common.unavailable(reason, accuracy=None, chance=None)
-              for name in ("z_exp", "z_id", "feature")}
-    return dict(representation=expression_repr, accuracy=None, chance=None,
-                chance_uniform=None, reason=reason, probes=probes, settings=probe_settings)
-  out = train.predict(config, model, state, data.train_images[idx])
-  codes, missing, _ = expression_codes(config, out)
-  subjects = [data.train_subjects[i] for i in idx]
-  labels = data.train_labels[idx]
-  probes = {}
-  for name, code in codes.items():
-    if code is None:
-      probes[name] = common.unavailable(missing[name], accuracy=None, chance=None)
-    else:
-      probes[name] = identity.identity_probe(
-          code, subjects, labels, test_fraction=settings.probe_test_fraction,
-          seed=settings.seed)
+  subjects = [data.test_subjects[i] for i in idx]
+
+  def null(reason):
+    probes = {n: common.unavailable(reason, accuracy=None, chance=None) for n in names}
+    return dict(representation=expression_repr, subjects="held-out", accuracy=None,
+                chance=None, chance_uniform=None, accuracy_raw=None, reason=reason,
+                probes=probes, probes_raw=dict(probes), settings=probe_settings)
+
+  if len(set(subjects)) < 2:
+    return null("subject ids of the test images are unknown (fewer than 2 known "
+                "subjects): identity leakage needs them")
+  codes, missing, _ = expression_codes(config, test_out)
+  fit_idx = common.subsample(len(data.train_labels), settings.probe_max_images,
+                             settings.seed)
+  train_codes, _, _ = expression_codes(
+      config, train.predict(config, model, state, data.train_images[fit_idx]))
+  widths = [c.shape[1] for c in codes.values() if c is not None]
+  num_components = min(settings.probe_pca_dim, *widths, len(fit_idx) - 1)
+  if num_components < 1:
+    return null(f"{len(fit_idx)} training image(s): too few to fit the probe's PCA")
+  labels = data.test_labels[idx]
+  probe = lambda x: identity.identity_probe(x, subjects, labels,
+                                            test_fraction=settings.probe_test_fraction,
+                                            seed=settings.seed)
+  probes, probes_raw = {}, {}
+  for name in names:
+    if codes[name] is None:
+      probes[name] = probes_raw[name] = common.unavailable(missing[name], accuracy=None,
+                                                           chance=None)
+      continue
+    probes_raw[name] = probe(codes[name][idx])
+    project = identity.fit_pca(train_codes[name], num_components)
+    probes[name] = dict(probe(project(codes[name][idx])), input_dim=int(codes[name].shape[1]))
   head = probes[expression_repr]
-  return dict(representation=expression_repr, accuracy=head.get("accuracy"),
-              chance=head.get("chance"), chance_uniform=head.get("chance_uniform"),
-              num_subjects=head.get("num_subjects"), num_images=int(len(idx)),
-              probes=probes, settings=probe_settings)
+  result = dict(
+      representation=expression_repr,
+      subjects="held-out: the test split's people, whose images no encoder trained on",
+      comparison=f"PCA-matched: every code projected to its first {num_components} "
+                 f"principal components, fitted on {len(fit_idx)} training images' codes",
+      accuracy=head.get("accuracy"), chance=head.get("chance"),
+      chance_uniform=head.get("chance_uniform"), num_subjects=head.get("num_subjects"),
+      num_images=int(len(idx)), accuracy_raw=probes_raw[expression_repr].get("accuracy"),
+      pca_dim=int(num_components), pca_fit_images=int(len(fit_idx)),
+      probes=probes, probes_raw=probes_raw, settings=probe_settings)
+  seen = sorted(set(subjects) & (set(data.train_subjects) - {""}))
+  if seen:
+    result["warning"] = (f"{len(seen)} of the probe's {len(set(subjects))} subjects also "
+                         "have training images (the split shares people): for them it "
+                         "is not leakage about unseen people")
+  return result
 
 
 def cross_subject_retrieval(codes: dict, missing: dict, labels, subjects,
@@ -213,14 +265,15 @@ def evaluate(config, model, state, data: FaceData, out_dir: str,
   t = time.time()
   result["mig"] = mi_estimation.modified_mig(
       data.test_labels, data.test_subjects, z_exp=codes["z_exp"], z_id=codes["z_id"],
-      feature=codes["feature"], missing=missing, settings=settings.mig)
+      feature=codes["feature"], predictions=out["prediction"], missing=missing,
+      settings=settings.mig)
   result["mig"]["representation_pair"] = (
       "exp_pair" if expression_repr == "z_exp" else "feature_pair")
   timings["mig"] = time.time() - t
 
   t = time.time()
   result["identity_leakage"] = identity_leakage(config, model, state, data, settings,
-                                                expression_repr)
+                                                expression_repr, out)
   timings["identity_leakage"] = time.time() - t
 
   t = time.time()

@@ -73,7 +73,9 @@ def get_config() -> ml_collections.ConfigDict:
   ))
   # init_from: "" starts E_exp from random weights (the method as written);
   # "baseline" first trains the supervised baseline in the same workdir and starts
-  # E_exp from it, like starting from a pretrained backbone.
+  # E_exp from it, like starting from a pretrained backbone; a path to a trunk
+  # .npz (python -m data_tools.torchvision_resnet, from a torchvision resnet18
+  # .pth; model.width=64) starts the trunks of E_exp and E_id from it.
   config.stage1 = ml_collections.ConfigDict(dict(num_steps=20000, init_from=""))
   config.stage2 = ml_collections.ConfigDict(dict(num_steps=10000))
   config.stage3 = ml_collections.ConfigDict(dict(num_steps=5000))
@@ -83,12 +85,18 @@ def get_config() -> ml_collections.ConfigDict:
   # disentanglement metrics cost. Changing these re-evaluates, never retrains.
   config.eval = ml_collections.ConfigDict(dict(
       # DV critics of the modified MIG's terms (dicefer_jax.evaluation.mi_estimation).
+      # calibrate: also measure the critic's error on Gaussians of known MI at the
+      # terms' sizes (6 more critics); bootstrap_resamples: resamples of the
+      # held-out images behind the 95% intervals (0 = none).
       mig=dict(hidden=64, num_hidden_layers=2, num_steps=300, batch_size=128,
                learning_rate=1e-3, num_seeds=3, heldout_fraction=0.4,
                validation_fraction=0.25, pairs_per_image=4, eval_permutations=10,
-               pca_dim=64),
-      probe_max_images=2000,     # training images of the identity-leakage probe
+               pca_dim=64, calibrate=True, bootstrap_resamples=200),
+      probe_max_images=2000,     # test images of the identity-leakage probe (and
+                                 # training images its PCA is fitted on)
       probe_test_fraction=0.5,   # share of each subject's images testing the probe
+      probe_pca_dim=64,          # principal components of the like-for-like probe
+                                 # (z_exp's width; capped by the narrowest code)
       retrieval_k=6,             # neighbours per query in cross-subject retrieval
       retrieval_metric="cosine",  # or "euclidean"
       tsne_max_points=1000,      # test images in the t-SNE maps; 0 = none
