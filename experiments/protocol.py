@@ -35,6 +35,8 @@ from typing import Callable, Sequence
 from absl import app
 from absl import flags
 from absl import logging
+import numpy as np
+from scipy import stats
 
 from dicefer_jax import checkpoints, config_fields, fileio, splits, train
 from dicefer_jax import data as data_lib
@@ -63,6 +65,10 @@ _SWEEP = flags.DEFINE_string(
     "e.g. loss.zeta=0.005,0.01,0.025.")
 _ABLATIONS = flags.DEFINE_list(
     "ablations", [], f"DICE-FER ablations to add: {','.join(ablations_lib.ABLATIONS)}.")
+_CONTROLS = flags.DEFINE_list(
+    "controls", [], "Fair-comparison controls to add: baseline_matched (the baseline "
+    "with as many encoder updates as warm-up plus stage 1), warmup_only (stage 3 on "
+    "the warm-up alone), random_init (DICE-FER from random weights).")
 _COMPILATION_CACHE = flags.DEFINE_bool(
     "compilation_cache", True, "Keep compiled XLA programs in <cache root>/jax_cache, "
     "so that every fold after the first (and a rerun) skips most compilation (also "
@@ -82,6 +88,13 @@ def _get(m: dict, *path):
   return m
 
 
+def _critic_error(m: dict, term: str):
+  """The MI critic's measured error (estimate - truth, nats) on Gaussians of known
+  MI log 7 at the sizes of the metrics' `term` (mig.calibration), or None."""
+  levels = _get(m, "mig", "calibration", term, "levels") or []
+  return levels[-1].get("error") if levels else None
+
+
 # (key, column header, extractor from metrics.json). "Expression representation"
 # = z_exp for DICE-FER, the pooled feature for the baseline.
 METRICS = (
@@ -96,7 +109,14 @@ METRICS = (
     ("leakage", "leakage expr.", lambda m: _get(m, "identity_leakage", "accuracy")),
     ("leakage_feature", "leakage feature",
      lambda m: _get(m, "identity_leakage", "probes", "feature", "accuracy")),
+    ("leakage_id", "leakage z_id",
+     lambda m: _get(m, "identity_leakage", "probes", "z_id", "accuracy")),
     ("leakage_chance", "leakage chance", lambda m: _get(m, "identity_leakage", "chance")),
+    ("pair_mi_plugin", "I(M;N) plug-in bound",
+     lambda m: _get(m, "mig", "terms", _get(m, "mig", "representation_pair") or "",
+                    "plugin_bound", "mean")),
+    ("critic_error_log7", "critic error at log 7",
+     lambda m: _critic_error(m, _get(m, "mig", "representation_pair") or "")),
     ("retrieval", "retrieval expr.", lambda m: _get(m, "retrieval", "precision_at_k")),
     ("retrieval_chance", "retrieval chance", lambda m: _get(m, "retrieval", "chance")),
 )
@@ -109,6 +129,35 @@ class Variant:
   name: str
   method: str
   overrides: tuple = ()   # ((dotted field, value), ...)
+  # The METRICS keys it can change; None = all. The others equal the reference
+  # variant's by construction and are not tabulated (ablations.MOVES).
+  moves: tuple | None = None
+
+
+# Controls that make the comparison fair (--controls). DICE-FER's demo starts
+# from the supervised warm-up the baseline is and then trains stage 1 too: the
+# compute-matched baseline gets as many encoder updates as warm-up plus stage 1;
+# the warm-up-only control skips stages 1 and 2 (stage 3 alone on the warm-up's
+# code), so what stage 1 adds is measured; random_init is DICE-FER as written.
+CONTROLS = ("baseline_matched", "warmup_only", "random_init")
+
+
+def control_variant(config, name: str) -> Variant:
+  """The variant of control `name` for the protocol's base config."""
+  if name not in CONTROLS:
+    raise UserError(f"unknown control {name!r}: use some of {', '.join(CONTROLS)}")
+  warm = config.stage1.init_from == "baseline"
+  if name == "baseline_matched":
+    steps = (int(config.baseline.num_steps) if warm else 0) + int(config.stage1.num_steps)
+    return Variant(name, "baseline", (("baseline.num_steps", steps),))
+  if not warm:
+    raise UserError(f"--controls={name} compares against the supervised warm-up, but the "
+                    "config starts stage 1 from random weights: use "
+                    "--config.stage1.init_from=baseline (as demo.py does) or drop it")
+  if name == "warmup_only":
+    return Variant("dicefer_warmup_only", "dicefer",
+                   (("stage1.num_steps", 0), ("stage2.num_steps", 0)))
+  return Variant("dicefer_random_init", "dicefer", (("stage1.init_from", ""),))
 
 
 def _parse_value(field: str, current, text: str):
@@ -152,7 +201,8 @@ def parse_sweep(text: str, config) -> tuple[str, list[tuple[str, object]]]:
 
 
 def make_variants(config, methods: Sequence[str], sweep: str = "",
-                  ablations: Sequence[str] = ()) -> list[Variant]:
+                  ablations: Sequence[str] = (), controls: Sequence[str] = ()
+                  ) -> list[Variant]:
   """The variants of a protocol, in table order."""
   unknown = [m for m in methods if m not in METHODS]
   if unknown or not methods:
@@ -175,7 +225,9 @@ def make_variants(config, methods: Sequence[str], sweep: str = "",
       variants.append(Variant(method, method))
   for name in ablations:
     variants.append(Variant(f"dicefer_{name}", "dicefer",
-                            tuple(ablations_lib.ABLATIONS[name].items())))
+                            tuple(ablations_lib.ABLATIONS[name].items()),
+                            ablations_lib.MOVES.get(name)))
+  variants += [control_variant(config, name) for name in controls]
   return variants
 
 
@@ -239,32 +291,42 @@ def reusable_metrics(config, workdir: str) -> dict | None:
 
 
 def adopt_warmup(config, workdir: str, candidates: Sequence[str]) -> str | None:
-  """Copies a finished warm-up into `workdir` instead of training it again.
+  """Copies a warm-up trained by another run into `workdir` instead of training it
+  again.
 
   DICE-FER's warm-up (`stage1.init_from="baseline"`) and the baseline method are
   the same "baseline" stage; so are the warm-ups of every DICE-FER variant that
-  differs only in what comes after it (losses, later stages). Within a fold, the
-  first run trains it and the others copy its final checkpoint, when the
-  donor's saved config trains the very same stage
-  (`config_fields.same_baseline_stage`). Returns the donor's workdir, or None
-  (nothing to adopt: `workdir` needs no warm-up, has one already, or no donor fits).
+  differs only in what comes after it (losses, later stages). A shorter one is a
+  prefix of a longer one (batch b depends only on the seed, the stage and b, and
+  a resumed stage continues exactly), so the compute-matched baseline continues
+  from the warm-up rather than starting over. The donor's saved config must
+  train the very same stage (`config_fields.same_baseline_stage`) up to its
+  length; the one with the most steps is taken. Returns the donor's workdir, or
+  None (nothing to adopt: `workdir` needs no warm-up, has one already, or no
+  donor fits).
   """
   if ("baseline" not in train.stages_for(config, "all")
       or checkpoints.has_checkpoint(workdir, "baseline")):
     return None
   final_step = int(config.baseline.num_steps)
+  best, best_step = None, 0
   for donor in candidates:
     if (os.path.abspath(donor) == os.path.abspath(workdir)
-        or not os.path.exists(workdir_lib.config_path(donor))
-        or checkpoints.latest_step(donor, "baseline") != final_step):
+        or not os.path.exists(workdir_lib.config_path(donor))):
+      continue
+    step = checkpoints.latest_step(donor, "baseline")
+    if step is None or not best_step < step <= final_step:
       continue
     saved = workdir_lib.read_config(donor, default.get_config())
+    saved.baseline.num_steps = final_step  # its steps are the first `step` of ours
     if config_fields.same_baseline_stage(saved, config):
-      # The config first: a workdir's checkpoints are only ever read with it.
-      workdir_lib.save_config(config, workdir, default.get_config())
-      checkpoints.copy_final(donor, workdir, "baseline")
-      return donor
-  return None
+      best, best_step = donor, step
+  if best is None:
+    return None
+  # The config first: a workdir's checkpoints are only ever read with it.
+  workdir_lib.save_config(config, workdir, default.get_config())
+  checkpoints.copy_final(best, workdir, "baseline")
+  return best
 
 
 def _timings(seconds: float, train_summary: dict | None, metrics: dict | None) -> dict:
@@ -278,15 +340,65 @@ def _timings(seconds: float, train_summary: dict | None, metrics: dict | None) -
               other=round(seconds - steps - evaluation, 1))
 
 
+def _done(rows: list[dict], name: str) -> list[dict]:
+  return [r for r in rows if r["variant"] == name and r["status"] in ("ran", "reused")]
+
+
+def _moves(v: Variant, key: str) -> bool:
+  return v.moves is None or key in v.moves
+
+
 def summarize(rows: list[dict], variants: Sequence[Variant]) -> dict:
-  """{variant: {metric: {mean, std, n}}} over the finished folds (std with ddof=1)."""
+  """{variant: {metric: {mean, std, n}}} over the finished folds (std with ddof=1).
+
+  A metric a variant cannot move (Variant.moves) is not averaged: it is marked
+  `same_as` the reference variant (the first one), whose value it is.
+  """
   summary = {}
   for v in variants:
-    done = [r for r in rows if r["variant"] == v.name and r["status"] in ("ran", "reused")]
-    summary[v.name] = {key: eval_common.mean_std([r["metrics"].get(key) for r in done])
-                       for key, _, _ in METRICS}
+    done = _done(rows, v.name)
+    summary[v.name] = {
+        key: (eval_common.mean_std([r["metrics"].get(key) for r in done])
+              if _moves(v, key) else dict(mean=None, std=None, n=0,
+                                          same_as=variants[0].name))
+        for key, _, _ in METRICS}
     summary[v.name]["folds_done"] = len(done)
   return summary
+
+
+def paired_differences(rows: list[dict], variants: Sequence[Variant],
+                       level: float = 0.95) -> dict:
+  """{variant: {metric: ...}}: the reference (first) variant minus each other one,
+  fold by fold, over the folds where both have the metric.
+
+  Each entry holds the per-fold differences, their mean and a `level` t-interval
+  of the mean (n - 1 degrees of freedom; needs 2 folds or more). Pairing by fold
+  removes what the folds share (their test people, their split), so the
+  interval is about the methods, not about which people were held out.
+  """
+  reference = variants[0]
+  ref_rows = {r["fold"]: r["metrics"] for r in _done(rows, reference.name)}
+  out = {}
+  for v in variants[1:]:
+    out[v.name] = {}
+    for key, _, _ in METRICS:
+      if not _moves(v, key):
+        continue
+      diffs = [(fold, ref_rows[fold].get(key) - r["metrics"].get(key))
+               for r in _done(rows, v.name) for fold in [r["fold"]]
+               if fold in ref_rows and ref_rows[fold].get(key) is not None
+               and r["metrics"].get(key) is not None]
+      if not diffs:
+        continue
+      d = np.array([x for _, x in diffs], np.float64)
+      entry = dict(n=len(d), mean=float(d.mean()), per_fold=dict(diffs),
+                   low=None, high=None, level=level)
+      if len(d) >= 2:
+        half = (stats.t.ppf(0.5 + level / 2, len(d) - 1) * d.std(ddof=1)
+                / np.sqrt(len(d)))
+        entry.update(low=float(d.mean() - half), high=float(d.mean() + half))
+      out[v.name][key] = entry
+  return out
 
 
 def _fmt(x, std=None) -> str:
@@ -309,9 +421,34 @@ def markdown(report: dict) -> str:
            "|" + "---|" * (len(headers) + 2)]
   for v in variants:
     s = report["summary"][v["name"]]
-    cells = [_fmt(s[key]["mean"], s[key]["std"]) for key, _, _ in METRICS]
+    cells = [f"= {s[key]['same_as']}" if s[key].get("same_as")
+             else _fmt(s[key]["mean"], s[key]["std"]) for key, _, _ in METRICS]
     lines.append(f"| {v['name']} | {s['folds_done']}/{len(report['folds'])} | "
                  + " | ".join(cells) + " |")
+  paired = report.get("paired") or {}
+  if any(paired.values()):
+    reference = variants[0]["name"]
+    keys = [key for key, _, _ in METRICS if any(key in p for p in paired.values())]
+    lines += ["", f"## Paired differences: {reference} minus each variant, fold by fold",
+              "", "Mean difference over the folds both finished, with its 95% t-interval "
+              "(n - 1 degrees of freedom); an interval that excludes 0 is a difference "
+              "the folds agree on.", "",
+              "| variant | folds | " + " | ".join(report["metrics"][k] for k in keys) + " |",
+              "|" + "---|" * (len(keys) + 2)]
+    for name, per_metric in paired.items():
+      if not per_metric:
+        continue
+      n = max(e["n"] for e in per_metric.values())
+      cells = []
+      for key in keys:
+        e = per_metric.get(key)
+        if e is None:
+          cells.append("n/a")
+        elif e["low"] is None:
+          cells.append(f"{e['mean']:+.3f}")
+        else:
+          cells.append(f"{e['mean']:+.3f} [{e['low']:+.3f}, {e['high']:+.3f}]")
+      lines.append(f"| {name} | {n} | " + " | ".join(cells) + " |")
   lines += ["", "## Per fold", "",
             "| variant | fold | status | " + " | ".join(headers) + " |",
             "|" + "---|" * (len(headers) + 3)]
@@ -373,7 +510,8 @@ def markdown(report: dict) -> str:
 
 def run_protocol(config, workdir: str, *, folds: int | None = None,
                  methods: Sequence[str] = METHODS, sweep: str = "",
-                 ablations: Sequence[str] = (), run_fn: Callable = run_lib.run,
+                 ablations: Sequence[str] = (), controls: Sequence[str] = (),
+                 run_fn: Callable = run_lib.run,
                  evaluate_fn: Callable = evaluate_lib.evaluate) -> dict:
   """Runs (or reuses) every (fold, variant) and writes protocol.md/.json.
 
@@ -382,7 +520,7 @@ def run_protocol(config, workdir: str, *, folds: int | None = None,
   come from config.eval.
   """
   eval_settings = evaluator.EvalSettings.from_config(config.eval)
-  variants = make_variants(config, methods, sweep, ablations)
+  variants = make_variants(config, methods, sweep, ablations, controls)
   sets = face_sets.FaceSets()   # each face set read and decoded once
   faces = sets.get(config)
   kind, fold_ids = fold_plan(config, faces.records, folds)
@@ -397,11 +535,13 @@ def run_protocol(config, workdir: str, *, folds: int | None = None,
     rep = dict(split_kind=kind, split_note=split_note, data_dir=faces.data_dir,
                folds=["official" if f is None else f for f in fold_ids],
                variants=[dict(name=v.name, method=v.method,
-                              overrides={k: val for k, val in v.overrides})
+                              overrides={k: val for k, val in v.overrides},
+                              moves=None if v.moves is None else list(v.moves))
                          for v in variants],
                metrics={key: header for key, header, _ in METRICS},
                eval_settings=eval_settings.as_dict(), rows=list(rows),
-               summary=summarize(rows, variants), runs_done=done, runs_total=total,
+               summary=summarize(rows, variants),
+               paired=paired_differences(rows, variants), runs_done=done, runs_total=total,
                complete=final and done == total)
     fileio.write_json_atomic(os.path.join(workdir, "protocol.json"), rep)
     fileio.write_text_atomic(os.path.join(workdir, "protocol.md"), markdown(rep))
@@ -466,7 +606,7 @@ def main(argv):
                                        _COMPILATION_CACHE.value)
   rep = cli.run_or_exit(run_protocol, _CONFIG.value, workdir, folds=_FOLDS.value,
                         methods=_METHODS.value, sweep=_SWEEP.value,
-                        ablations=_ABLATIONS.value)
+                        ablations=_ABLATIONS.value, controls=_CONTROLS.value)
   print(markdown(rep).split("\n## Per fold")[0])
   print(f"wrote {os.path.join(workdir, 'protocol.md')} and protocol.json")
 

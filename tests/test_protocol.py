@@ -675,3 +675,83 @@ def test_a_warmup_is_trained_once_per_fold_and_copied_where_it_is_the_same(
   no_warmup = dicefer.copy_and_resolve_references()
   no_warmup.stage1.init_from = ""
   assert protocol.adopt_warmup(no_warmup, str(tmp_path / "random"), [donor]) is None
+
+  # A longer baseline (the compute-matched control) continues from the warm-up,
+  # and ends where training it from scratch ends.
+  longer = protocol.run_config(config, variants["baseline"], 0, 2)
+  longer.baseline.num_steps = 5
+  continued, straight = str(tmp_path / "continued"), str(tmp_path / "straight")
+  assert protocol.adopt_warmup(longer, continued, [donor, adopted]) in (donor, adopted)
+  run_lib.run(longer, continued, "all")
+  run_lib.run(longer, straight, "all")
+  template = train.restore_template("baseline", longer, model)
+  assert jax.tree.all(jax.tree.map(
+      np.array_equal, checkpoints.restore_final(continued, "baseline", template)[0],
+      checkpoints.restore_final(straight, "baseline", template)[0]))
+  shorter = protocol.run_config(config, variants["baseline"], 0, 2)
+  shorter.baseline.num_steps = 2   # a longer warm-up is no prefix of it
+  assert protocol.adopt_warmup(shorter, str(tmp_path / "shorter"), [donor]) is None
+
+
+def test_controls_are_the_fair_comparisons_of_the_warm_started_demo():
+  """Catches a compute-matched baseline with fewer encoder updates than DICE-FER's
+  warm-up plus stage 1, a warm-up-only control that still trains stage 1 or 2,
+  and controls of a warm start accepted for a run that has none."""
+  from experiments.configs import demo  # pylint: disable=g-import-not-at-top
+  config = demo.get_config()
+  variants = protocol.make_variants(config, ["dicefer", "baseline"],
+                                    controls=list(protocol.CONTROLS))
+  by_name = {v.name: v for v in variants}
+  assert list(by_name) == ["dicefer", "baseline", "baseline_matched",
+                           "dicefer_warmup_only", "dicefer_random_init"]
+  matched = by_name["baseline_matched"]
+  assert matched.method == "baseline"
+  assert dict(matched.overrides) == {
+      "baseline.num_steps": config.baseline.num_steps + config.stage1.num_steps}
+  assert dict(by_name["dicefer_warmup_only"].overrides) == {
+      "stage1.num_steps": 0, "stage2.num_steps": 0}
+  assert dict(by_name["dicefer_random_init"].overrides) == {"stage1.init_from": ""}
+  config.stage1.init_from = ""
+  cold = protocol.control_variant(config, "baseline_matched")
+  assert dict(cold.overrides) == {"baseline.num_steps": config.stage1.num_steps}
+  with pytest.raises(UserError, match="init_from=baseline") as info:
+    protocol.control_variant(config, "warmup_only")
+  assert "\n" not in str(info.value)
+  with pytest.raises(UserError, match="unknown control"):
+    protocol.make_variants(config, ["dicefer"], controls=["more_steps"])
+
+
+def test_paired_differences_and_metrics_an_ablation_cannot_move():
+  """Catches a paired interval computed from unpaired means, the wrong sign,
+  folds one side lacks counted, and an ablation tabulated on metrics it cannot
+  change (stage-2 ablations leave E_exp and stage 3 as DICE-FER's)."""
+  variants = [protocol.Variant("dicefer", "dicefer"),
+              protocol.Variant("baseline", "baseline"),
+              protocol.Variant("dicefer_no_stage2", "dicefer", (),
+                               ablations.MOVES["no_stage2"])]
+  acc = {"dicefer": [0.6, 0.7, 0.5, 0.9], "baseline": [0.5, 0.4, 0.3, None],
+         "dicefer_no_stage2": [0.6, 0.7, 0.5, 0.9]}
+  rows = [dict(variant=name, fold=k, status="ran" if value is not None else "diverged",
+               metrics=dict(accuracy=value, mig=0.1 * k if name != "baseline" else None))
+          for name, values in acc.items() for k, value in enumerate(values)]
+  paired = protocol.paired_differences(rows, variants)
+  entry = paired["baseline"]["accuracy"]
+  # Folds 0-2 only (fold 3 diverged for the baseline): differences 0.1, 0.3, 0.2.
+  assert entry["n"] == 3 and entry["per_fold"] == pytest.approx({0: 0.1, 1: 0.3, 2: 0.2})
+  half = 4.302652729911275 * 0.1 / np.sqrt(3)   # t(0.975, 2) * sd / sqrt(n)
+  assert (entry["mean"], entry["low"], entry["high"]) == pytest.approx(
+      (0.2, 0.2 - half, 0.2 + half))
+  assert "mig" not in paired["baseline"]        # the baseline has none
+  assert set(paired["dicefer_no_stage2"]) == {"mig"}
+  summary = protocol.summarize(rows, variants)
+  assert summary["dicefer_no_stage2"]["accuracy"]["same_as"] == "dicefer"
+  assert summary["dicefer_no_stage2"]["mig"]["mean"] == pytest.approx(0.15)
+  report = dict(split_kind="subject", split_note="", data_dir="d", folds=[0, 1, 2, 3],
+                runs_done=11, runs_total=12, complete=False, rows=rows,
+                variants=[dict(name=v.name) for v in variants], summary=summary,
+                paired=paired, metrics={k: h for k, h, _ in protocol.METRICS},
+                eval_settings=dict(mig=dict(hidden=1, num_steps=1, num_seeds=1),
+                                   retrieval_k=6, probe_pca_dim=64))
+  md = protocol.markdown(report)
+  assert "| dicefer_no_stage2 | 4/4 | = dicefer |" in md
+  assert f"+0.200 [{0.2 - half:+.3f}, {0.2 + half:+.3f}]" in md

@@ -33,6 +33,18 @@ ABLATIONS = {
 }
 
 
+# What an ablation can change. The ones that act on stage 2 only leave E_exp as
+# stage 1 left it, and stage 3 then trains the same classifier on the same codes
+# with the same seed: accuracy, macro-F1, the expression code's leakage and
+# retrieval and its pair MI are those of DICE-FER by construction. They are
+# reported on what they can move (the identity code and the MIG); None = every
+# metric.
+MOVES = {
+    "no_adversarial": ("mig", "exp_id_mi", "leakage_id"),
+    "no_stage2": ("mig", "exp_id_mi", "leakage_id"),
+}
+
+
 def apply(config, name: str):
   """config with the ablation `name` applied (in place); returns config."""
   if name not in ABLATIONS:
