@@ -546,6 +546,104 @@ def measure_resnet18(plan: Plan, with_torch: bool, half_precision: bool = False)
       torch_device=info.get("device"))
 
 
+def resnet18_conv_specs(image_size: int, width: int) -> list[dict]:
+  """Every convolution of a ResNet-18 train step (models.ResNet18Trunk's order):
+  input size, channels, kernel, stride, and whether its input needs a gradient
+  (not the stem's: the image is no parameter)."""
+  out_size = lambda n, k, s: (n + 2 * (k // 2) - k) // s + 1
+  specs = [dict(size=image_size, cin=1, cout=width, k=7, stride=2, input_grad=False)]
+  size = out_size(out_size(image_size, 7, 2), 3, 2)   # the stem, then the max-pool
+  cin = width
+  for stage, mult in enumerate((1, 2, 4, 8)):
+    cout, stride = width * mult, 1 if stage == 0 else 2
+    specs.append(dict(size=size, cin=cin, cout=cout, k=3, stride=stride, input_grad=True))
+    if stride != 1 or cin != cout:
+      specs.append(dict(size=size, cin=cin, cout=cout, k=1, stride=stride, input_grad=True))
+    size = out_size(size, 3, stride)
+    specs += [dict(size=size, cin=cout, cout=cout, k=3, stride=1, input_grad=True)] * 3
+    cin = cout
+  return specs
+
+
+def _conv_inputs(spec: dict, batch: int, rng: np.random.Generator):
+  """(x, w, cotangent) of one convolution, NHWC / HWIO float32."""
+  k, s, n = spec["k"], spec["stride"], spec["size"]
+  out = (n + 2 * (k // 2) - k) // s + 1
+  return (rng.standard_normal((batch, n, n, spec["cin"]), np.float32),
+          rng.standard_normal((k, k, spec["cin"], spec["cout"]), np.float32) * 0.05,
+          rng.standard_normal((batch, out, out, spec["cout"]), np.float32))
+
+
+def measure_resnet18_convs(plan: Plan, with_torch: bool, step_record: dict) -> dict:
+  """The convolutions alone: forward, input gradient and weight gradient of every
+  ResNet-18 convolution at the step's size, in XLA (one jitted program, with the
+  project's XLA flags) and in PyTorch (eager, channels_last, autograd), rounds
+  alternating as in measure_resnet18.
+
+  What it tells: if everything but the convolutions cost JAX exactly what it
+  costs torch, the step's ratio could reach at most `step_ratio_bound`; a bound
+  below 1 says no rewrite of the rest (BatchNorm, pooling, the optimiser) can
+  close the gap, only a faster convolution kernel.
+  """
+  specs = resnet18_conv_specs(RESNET_IMAGE_SIZE, 64)
+  rng = np.random.default_rng(0)
+  inputs = [_conv_inputs(spec, RESNET_BATCH, rng) for spec in specs]
+  worker = TorchWorker() if with_torch else None
+  if worker:
+    worker.send(op="init_convs", threads=step_record["jax_threads"], specs=specs,
+                batch_size=RESNET_BATCH)
+    worker.send(op="steps", n=plan.resnet_warmup)
+
+  def all_convs(arrays):
+    grads = []
+    for spec, (x, w, g) in zip(specs, arrays):
+      pad = ((spec["k"] // 2,) * 2,) * 2
+      conv = lambda x, w, spec=spec, pad=pad: jax.lax.conv_general_dilated(
+          x, w, (spec["stride"],) * 2, pad, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      if spec["input_grad"]:
+        y, vjp = jax.vjp(conv, x, w)
+        grads.append((y, *vjp(g)))
+      else:
+        y, vjp = jax.vjp(lambda w, x=x: conv(x, w), w)
+        grads.append((y, *vjp(g)))
+    return grads
+
+  try:
+    arrays = jax.device_put(inputs)
+    compiled = jax.jit(all_convs).lower(arrays).compile()
+    for _ in range(plan.resnet_warmup):
+      jax.block_until_ready(compiled(arrays))
+    if worker:
+      worker.receive()
+      worker.receive()
+    jax_s, torch_s = [], []
+    n = plan.resnet_steps
+    for _ in range(plan.resnet_rounds):
+      start = time.perf_counter()
+      for _ in range(n):
+        jax.block_until_ready(compiled(arrays))
+      jax_s.append((time.perf_counter() - start) / n)
+      if worker:
+        torch_s.append(worker.steps(n) / n)
+  finally:
+    if worker:
+      worker.close()
+  jax_ms = 1e3 * _median(jax_s)
+  torch_ms = 1e3 * _median(torch_s) if torch_s else None
+  result = dict(num_convs=len(specs), jax_ms=jax_ms, torch_ms=torch_ms,
+                speed_ratio=torch_ms / jax_ms if torch_ms else None,
+                step_ratio_bound=None, torch_conv_share=None)
+  if torch_ms and step_record.get("torch_img_s"):
+    torch_step_ms = 1e3 * RESNET_BATCH / step_record["torch_img_s"]
+    jax_step_ms = 1e3 * RESNET_BATCH / step_record["jax_img_s"]
+    rest_torch = max(torch_step_ms - torch_ms, 0.0)
+    result.update(torch_step_ms=torch_step_ms, jax_step_ms=jax_step_ms,
+                  torch_conv_share=torch_ms / torch_step_ms,
+                  jax_conv_share=jax_ms / jax_step_ms,
+                  step_ratio_bound=torch_step_ms / (rest_torch + jax_ms))
+  return result
+
+
 # ----------------------------------------------------------------------------
 # Stage steps, the matmul peak and the input pipeline.
 
@@ -724,9 +822,20 @@ def rows(r: dict) -> list[tuple[str, str]]:
              if res["paired_ratio_median"] else "")),
          ("threads jax / torch", f"{res['jax_threads']} / {res['torch_threads'] or 'n/a'}"
           + (f" (torch's default: {res['torch_default_threads']})"
-             if res["torch_default_threads"] else "")),
-         (f"Stage steps ({cfg['file']}, {cfg['image_size']} px, width {cfg['width']}, "
-          f"batch {cfg['batch_size']})", None)]
+             if res["torch_default_threads"] else ""))]
+  conv = res.get("convolutions")
+  if conv:
+    out += [(f"its {conv['num_convs']} convolutions alone (forward, input and weight "
+             "gradients), ms jax / torch",
+             f"{conv['jax_ms']:.1f} / {_fmt(conv['torch_ms'])}"),
+            ("convolutions: speed ratio jax/torch", _fmt(conv["speed_ratio"], ".2f", "x")),
+            ("convolutions' share of torch's step",
+             _fmt(conv["torch_conv_share"] and 100 * conv["torch_conv_share"], ".0f", "%")),
+            ("step ratio if all but the convolutions cost what torch's do",
+             _fmt(conv["step_ratio_bound"], ".2f", "x"))]
+  out += [
+          (f"Stage steps ({cfg['file']}, {cfg['image_size']} px, width {cfg['width']}, "
+           f"batch {cfg['batch_size']})", None)]
   for stage in STAGES:
     s = r[stage]
     pairs = f", {s['pairs_s']:.1f} pairs/s" if "pairs_s" in s else ""
@@ -804,6 +913,9 @@ def benchmark(config, plan: Plan, *, quick: bool, with_torch: bool, config_file:
   progress("end to end measured")
   resnet = measure_resnet18(plan, with_torch, config.model.half_precision)
   progress("ResNet-18 compared")
+  if not config.model.half_precision:   # the convolutions in float32 only
+    resnet["convolutions"] = measure_resnet18_convs(plan, with_torch, resnet)
+    progress("ResNet-18 convolutions compared")
   stages = measure_stages(config, plan, runs)
   progress("stage steps, matmul peak and pipeline measured")
   machine["idle"] = dict(load1_before=load_before, load1_after=os.getloadavg()[0])

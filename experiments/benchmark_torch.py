@@ -10,7 +10,10 @@ The protocol is one JSON object per line. The benchmark writes to stdin:
   {"op": "init", "threads": T, "batch_size": B, "image_size": S, "num_classes": C,
    "learning_rate": lr, "b1": b1, "b2": b2, "device": "cpu" or "cuda",
    "amp": false or true (autocast to bfloat16)}
-  {"op": "steps", "n": N}     run N train steps, reply with their wall time
+  {"op": "init_convs", "threads": T, "batch_size": B, "specs": [...]}
+                              instead of a model: ResNet-18's convolutions alone
+  {"op": "steps", "n": N}     run N train steps (or rounds of the convolutions),
+                              reply with their wall time
   {"op": "quit"}              (or end of input)
 and reads one reply per request from stdout: {"ok": true, ...} or
 {"ok": false, "error": "..."}. Nothing else is written to stdout: whatever a
@@ -67,6 +70,37 @@ def _build(request: dict) -> tuple[dict, Callable[[], object]]:
   return info, step
 
 
+def _build_convs(request: dict) -> tuple[dict, Callable[[], object]]:
+  """Every convolution of `request["specs"]` (experiments.benchmark's
+  resnet18_conv_specs): forward, then the gradients autograd would take in a
+  train step (input and weight; the weight only for the stem), channels_last."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
+
+  torch.set_num_threads(int(request["threads"]))
+  generator = torch.Generator().manual_seed(0)
+  b = int(request["batch_size"])
+  convs = []
+  for spec in request["specs"]:
+    k, stride, n = int(spec["k"]), int(spec["stride"]), int(spec["size"])
+    out = (n + 2 * (k // 2) - k) // stride + 1
+    x = torch.randn(b, spec["cin"], n, n, generator=generator).to(
+        memory_format=torch.channels_last).requires_grad_(bool(spec["input_grad"]))
+    w = (torch.randn(spec["cout"], spec["cin"], k, k, generator=generator) * 0.05).to(
+        memory_format=torch.channels_last).requires_grad_(True)
+    g = torch.randn(b, spec["cout"], out, out, generator=generator).to(
+        memory_format=torch.channels_last)
+    convs.append((x, w, g, stride, k // 2, bool(spec["input_grad"])))
+
+  def step():
+    for x, w, g, stride, pad, input_grad in convs:
+      y = F.conv2d(x, w, stride=stride, padding=pad)
+      torch.autograd.grad(y, (x, w) if input_grad else (w,), g)
+    return y
+
+  return dict(threads=torch.get_num_threads(), convs=len(convs)), step
+
+
 def serve(requests, reply) -> None:
   """Answers `requests` (an iterable of JSON lines) through `reply(dict)`."""
   step = None
@@ -81,15 +115,18 @@ def serve(requests, reply) -> None:
       if op == "init":
         info, step = _build(request)
         reply(dict(ok=True, **info))
+      elif op == "init_convs":
+        info, step = _build_convs(request)
+        reply(dict(ok=True, **info))
       elif op == "steps":
         if step is None:
           raise RuntimeError("'steps' before 'init'")
         start = time.perf_counter()
         for _ in range(int(request["n"])):
           loss = step()
-        # Eager CPU kernels have finished when they return; reading the loss
+        # Eager CPU kernels have finished when they return; reading a value
         # waits for an accelerator's queue too.
-        loss.item()
+        loss.flatten()[0].item()
         reply(dict(ok=True, seconds=time.perf_counter() - start))
       else:
         raise ValueError(f"unknown op {op!r}")

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from experiments import benchmark
@@ -79,6 +80,45 @@ def test_resnet_comparison_is_the_real_size_with_equal_threads(quick_run):
   # state adds only the unused 512->64 code head.
   assert res["torch_params"] == 11_170_240 + 512 * 7 + 7
   assert res["jax_params"] == res["torch_params"] + 512 * 64 + 64
+
+
+def test_conv_specs_are_the_convolutions_of_the_trunk():
+  """Catches a convolution list that is not ResNet-18's (a missing downsample, a
+  wrong stride or size): its kernels must be exactly the trunk's, in number and
+  in parameters, and each input size must be what the trunk feeds that layer."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from dicefer_jax import models  # pylint: disable=g-import-not-at-top
+  specs = benchmark.resnet18_conv_specs(112, 64)
+  trunk = models.ResNet18Trunk(width=64)
+  params = jax.eval_shape(lambda: trunk.init(
+      jax.random.PRNGKey(0), np.zeros((1, 112, 112, 1), np.float32), train=False))["params"]
+  kernels = [leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+             if "kernel" in jax.tree_util.keystr(path)]
+  assert len(specs) == len(kernels) == 20
+  assert sorted((s["k"], s["k"], s["cin"], s["cout"]) for s in specs) == sorted(kernels)
+  maps = jax.eval_shape(lambda: trunk.apply(
+      trunk.init(jax.random.PRNGKey(0), np.zeros((1, 112, 112, 1), np.float32),
+                 train=False), np.zeros((1, 112, 112, 1), np.float32), train=False))
+  # The first convolution of each stage reads the previous stage's map.
+  firsts = [s for s in specs[1:] if s["k"] == 3 and (s["stride"] == 2 or s is specs[1])]
+  assert [s["size"] for s in firsts] == [28] + [m.shape[1] for m in maps[:3]]
+  assert [s["input_grad"] for s in specs] == [False] + [True] * 19
+
+
+def test_convolutions_alone_are_compared_and_bound_the_step_ratio(quick_run):
+  """Catches the convolution-only comparison missing, or its bound computed from
+  other figures than the record's: step_ratio_bound is torch's step time over
+  (torch's step without its convolutions + JAX's convolutions)."""
+  res = quick_run[0]["resnet18_step"]
+  conv = res["convolutions"]
+  assert conv["num_convs"] == 20 and _positive(conv["jax_ms"])
+  if not HAS_TORCH:
+    assert conv["torch_ms"] is None and conv["step_ratio_bound"] is None
+    return
+  assert conv["speed_ratio"] == pytest.approx(conv["torch_ms"] / conv["jax_ms"])
+  torch_step_ms = 1e3 * 32 / res["torch_img_s"]
+  assert conv["step_ratio_bound"] == pytest.approx(
+      torch_step_ms / (max(torch_step_ms - conv["torch_ms"], 0) + conv["jax_ms"]))
 
 
 def test_peak_share_and_pipeline_arithmetic(quick_run):
