@@ -20,11 +20,30 @@ that make real facial expression recognition hard:
 Usage:
   python -m data_tools.synthetic --output_dir=DIR [--num_subjects=60]
       [--images_per_cell=10] [--seed=0] [--workers=N] [--overwrite]
-      [--confounders=1.0]
+      [--confounders=1.0] [--expressions_per_subject=7]
+      [--attribute_strength=0] [--clean_fraction=0.4]
 
 `--confounders=0` renders the same people without their misleading resting
 traits (an ablation: how much of a classifier's seen/unseen gap they cause).
 `python -m data_tools.synthetic_probe --data_dir=DIR` measures that gap.
+
+The confounded benchmark (experiments/configs/confounded.py) adds what real sets
+such as CK+ and Oulu-CASIA have: who a person is predicts their expression.
+- `--expressions_per_subject=K` (1..7; 7 = every expression, the default): each
+  subject shows a seeded subset of K expressions, with uneven counts (its K x
+  images_per_cell images split by a seeded Dirichlet, at least one each); every
+  expression is still shown by at least two subjects.
+- `--attribute_strength=s` (0..1; 0 = off, the default): an appearance attribute
+  (glasses or long hair, drawn by the renderer as always) goes with one half of
+  the expressions in a confounded cohort of subjects: those with it show mostly
+  anger, disgust, fear and sadness, those without mostly the rest; s sets how
+  exclusively (1: only). The other `--clean_fraction` of the subjects (default
+  0.4) show expressions regardless of the attribute. The manifest pins the
+  confounded cohort to training (`split=train`, the rest empty), so
+  dicefer_jax.splits folds over, and tests on, the clean cohort only: a
+  classifier that takes the attribute as a shortcut fails there.
+data_tools/synthetic_subjects.py (`plan_subjects`) states the exact rules. With
+both options off the set is byte for byte the balanced set of earlier versions.
 
 Library use (the training code, when no data directory is configured):
   from data_tools.synthetic import ensure_synthetic
@@ -63,9 +82,13 @@ from data_tools.synthetic_subjects import expression_aus  # pylint: disable=unus
 from data_tools.synthetic_subjects import image_rng
 from data_tools.synthetic_subjects import make_subject  # pylint: disable=unused-import
 from data_tools.synthetic_subjects import make_subjects
+from data_tools.synthetic_subjects import MIN_SUBJECTS_PER_EXPRESSION
 from data_tools.synthetic_subjects import NUM_AUS  # pylint: disable=unused-import
+from data_tools.synthetic_subjects import plan_subjects
 from data_tools.synthetic_subjects import PROTOTYPES  # pylint: disable=unused-import
+from data_tools.synthetic_subjects import round_half_up
 from data_tools.synthetic_subjects import SubjectParams
+from data_tools.synthetic_subjects import SubjectPlan
 from dicefer_jax import contract
 from dicefer_jax import fileio
 from dicefer_jax.errors import UserError
@@ -79,6 +102,14 @@ SOURCE = "synthetic"
 PARAMS_NAME = "synthetic.json"
 CONTACT_SHEET_NAME = "contact_sheet.png"
 INTENSITY_RANGE = (0.3, 1.0)
+# The confounded benchmark's options, at their "off" values (the balanced set).
+# Recorded in synthetic.json only when on, so that the parameters of a balanced
+# set, and so ensure_synthetic's reuse of sets cached by earlier versions, are
+# unchanged; clean_fraction only matters (and is recorded) with an attribute.
+ALL_EXPRESSIONS = len(contract.EXPRESSIONS)
+NO_ATTRIBUTE = 0.0
+DEFAULT_CLEAN_FRACTION = 0.4
+_OPTION_KEYS = ("expressions_per_subject", "attribute_strength", "clean_fraction")
 
 # Temporary files of interrupted writes, by their name: fileio's (`.tmp-<pid>-
 # <hex>-<name>`), and those of earlier versions: the params file's
@@ -91,20 +122,31 @@ def image_relpath(subject_id: str, expression: str, k: int) -> str:
   return f"{expression}/{subject_id}_{expression}_{k}.png"
 
 
-def _all_relpaths(num_subjects: int, images_per_cell: int) -> list[str]:
-  return [image_relpath(f"s{i:03d}", e, k)
-          for i in range(num_subjects) for e in contract.EXPRESSIONS
-          for k in range(images_per_cell)]
+def _planned_relpaths(plans: Sequence[SubjectPlan]) -> list[str]:
+  return [image_relpath(p.subject_id, e, k) for p in plans
+          for e, n in zip(contract.EXPRESSIONS, p.counts) for k in range(n)]
+
+
+def _plans(num_subjects: int, images_per_cell: int, seed: int, confounders: float,
+           expressions_per_subject: int, attribute_strength: float,
+           clean_fraction: float,
+           subjects: Optional[Sequence[SubjectParams]] = None) -> list[SubjectPlan]:
+  """Which images each subject gets (synthetic_subjects.plan_subjects)."""
+  if subjects is None:
+    subjects = make_subjects(num_subjects, seed, confounders)
+  return plan_subjects(list(subjects), images_per_cell, seed, expressions_per_subject,
+                       attribute_strength, clean_fraction)
 
 
 def _render_subject(job) -> tuple[list[dict], float]:
   """Renders and writes all images of one subject (runs in a worker process)."""
-  output_dir, subject, images_per_cell, seed = job
+  output_dir, subject, plan, seed = job
   cv2.setNumThreads(1)  # one worker, one core
   start = time.perf_counter()
   rows = []
-  for expression in contract.EXPRESSIONS:
-    for k in range(images_per_cell):
+  split = "train" if plan.pinned else ""
+  for expression, count in zip(contract.EXPRESSIONS, plan.counts):
+    for k in range(count):
       rng = image_rng(seed, subject.index, expression, k)
       intensity = 0.0
       if expression != "neutral":
@@ -116,7 +158,7 @@ def _render_subject(job) -> tuple[list[dict], float]:
         raise OSError(f"could not encode {rel}")
       fileio.write_bytes_atomic(os.path.join(output_dir, rel), buf.tobytes())
       rows.append({"path": rel, "expression": expression,
-                   "subject": subject.subject_id, "source": SOURCE, "split": "",
+                   "subject": subject.subject_id, "source": SOURCE, "split": split,
                    "intensity": f"{intensity:.3f}"})
   return rows, time.perf_counter() - start
 
@@ -138,18 +180,36 @@ def _write_params(output_dir: str, params: dict):
                            sort_keys=True)
 
 
-def _recorded_relpaths(params: dict) -> list[str]:
-  """The images a run with these recorded parameters wrote ([] if unreadable)."""
+def _recorded_plans(params: dict) -> list[SubjectPlan]:
+  """The plans of the run that recorded these parameters ([] if unreadable)."""
   try:
-    return _all_relpaths(int(params["num_subjects"]), int(params["images_per_cell"]))
-  except (KeyError, TypeError, ValueError):
+    return _plans(int(params["num_subjects"]), int(params["images_per_cell"]),
+                  int(params["seed"]), float(params.get("confounders", 1.0)),
+                  int(params.get("expressions_per_subject", ALL_EXPRESSIONS)),
+                  float(params.get("attribute_strength", NO_ATTRIBUTE)),
+                  float(params.get("clean_fraction", DEFAULT_CLEAN_FRACTION)))
+  except (KeyError, TypeError, ValueError, UserError):
     return []
 
 
-def _wanted_params(num_subjects, images_per_cell, seed, confounders) -> dict:
-  return {"generator": "data_tools.synthetic", "version": RENDER_VERSION,
-          "num_subjects": int(num_subjects), "images_per_cell": int(images_per_cell),
-          "seed": int(seed), "confounders": float(confounders)}
+def _recorded_relpaths(params: dict) -> list[str]:
+  """The images a run with these recorded parameters wrote ([] if unreadable)."""
+  return _planned_relpaths(_recorded_plans(params))
+
+
+def _wanted_params(num_subjects, images_per_cell, seed, confounders,
+                   expressions_per_subject=ALL_EXPRESSIONS,
+                   attribute_strength=NO_ATTRIBUTE,
+                   clean_fraction=DEFAULT_CLEAN_FRACTION) -> dict:
+  params = {"generator": "data_tools.synthetic", "version": RENDER_VERSION,
+            "num_subjects": int(num_subjects), "images_per_cell": int(images_per_cell),
+            "seed": int(seed), "confounders": float(confounders)}
+  if int(expressions_per_subject) != ALL_EXPRESSIONS:
+    params["expressions_per_subject"] = int(expressions_per_subject)
+  if float(attribute_strength) != NO_ATTRIBUTE:
+    params["attribute_strength"] = float(attribute_strength)
+    params["clean_fraction"] = float(clean_fraction)
+  return params
 
 
 def _temp_target(name: str) -> Optional[str]:
@@ -193,7 +253,9 @@ def _remove_own_temp_files(output_dir: str, own_paths: set[str]):
         os.remove(os.path.join(path, name))
 
 
-def _check_args(num_subjects: int, images_per_cell: int, confounders: float):
+def _check_args(num_subjects: int, images_per_cell: int, confounders: float,
+                expressions_per_subject=ALL_EXPRESSIONS, attribute_strength=NO_ATTRIBUTE,
+                clean_fraction=DEFAULT_CLEAN_FRACTION):
   if num_subjects < 1 or num_subjects > 1000:
     raise UserError(f"--num_subjects={num_subjects}: use 1 to 1000 subjects")
   if images_per_cell < 1:
@@ -202,6 +264,29 @@ def _check_args(num_subjects: int, images_per_cell: int, confounders: float):
   if not 0.0 <= confounders <= 3.0:
     raise UserError(f"--confounders={confounders}: use a scale from 0 (no identity "
                     "confounders) to 3")
+  k = expressions_per_subject
+  if isinstance(k, bool) or int(k) != k or not 1 <= k <= ALL_EXPRESSIONS:
+    raise UserError(f"--expressions_per_subject={k}: use a whole number from 1 to "
+                    f"{ALL_EXPRESSIONS} ({ALL_EXPRESSIONS} = every subject shows every "
+                    "expression)")
+  needed = MIN_SUBJECTS_PER_EXPRESSION * ALL_EXPRESSIONS
+  if k < ALL_EXPRESSIONS and num_subjects * k < needed:
+    raise UserError(
+        f"--expressions_per_subject={int(k)} with --num_subjects={num_subjects} "
+        f"gives {num_subjects * int(k)} (subject, expression) pairs, fewer than the "
+        f"{needed} that let every expression be shown by two subjects: raise either")
+  if not 0.0 <= attribute_strength <= 1.0:
+    raise UserError(f"--attribute_strength={attribute_strength}: use 0 (no "
+                    "attribute) to 1 (the attribute decides the expression half)")
+  if not 0.0 < clean_fraction < 1.0:
+    raise UserError(f"--clean_fraction={clean_fraction}: use a fraction strictly "
+                    "between 0 and 1 of the subjects for the clean (tested) cohort")
+  num_clean = round_half_up(clean_fraction * num_subjects)
+  if attribute_strength > 0 and not 0 < num_clean < num_subjects:
+    raise UserError(
+        f"--clean_fraction={clean_fraction} of {num_subjects} subjects leaves "
+        f"{num_clean} clean and {num_subjects - num_clean} confounded: both cohorts "
+        "need a subject; change --clean_fraction or --num_subjects")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -214,7 +299,10 @@ class GenerateStats:
 
 
 def generate(output_dir: str, num_subjects: int = 60, images_per_cell: int = 10,
-             seed: int = 0, *, confounders: float = 1.0, workers: int = 0,
+             seed: int = 0, *, confounders: float = 1.0,
+             expressions_per_subject: int = ALL_EXPRESSIONS,
+             attribute_strength: float = NO_ATTRIBUTE,
+             clean_fraction: float = DEFAULT_CLEAN_FRACTION, workers: int = 0,
              overwrite: bool = False,
              log: Optional[Callable[[str], None]] = None) -> GenerateStats:
   """Writes a synthetic face set into output_dir.
@@ -224,8 +312,12 @@ def generate(output_dir: str, num_subjects: int = 60, images_per_cell: int = 10,
   there (computed from that run's recorded parameters) and temporary files an
   interrupted run left for its own file names, never anything else. Every file
   is written atomically (fileio), so a killed run leaves no truncated image.
+  `expressions_per_subject`, `attribute_strength` and `clean_fraction` make the
+  confounded benchmark (module docstring); left at their defaults, the set is
+  the balanced one.
   """
-  _check_args(num_subjects, images_per_cell, confounders)
+  options = (expressions_per_subject, attribute_strength, clean_fraction)
+  _check_args(num_subjects, images_per_cell, confounders, *options)
   output_dir = os.path.abspath(output_dir)
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise UserError(f"--output_dir={output_dir} is a file, not a directory")
@@ -238,7 +330,10 @@ def generate(output_dir: str, num_subjects: int = 60, images_per_cell: int = 10,
     raise UserError(f"output directory {output_dir} {what}: pass --overwrite to "
                     "write into it anyway, or choose a new --output_dir")
 
-  new_paths = _all_relpaths(num_subjects, images_per_cell)
+  subjects = make_subjects(num_subjects, seed, confounders)
+  plans = _plans(num_subjects, images_per_cell, seed, confounders, *options,
+                 subjects=subjects)
+  new_paths = _planned_relpaths(plans)
   old = _read_params(output_dir) if existing else None
   if existing and old is None:
     # Not a set this tool wrote: --overwrite may add files beside others but
@@ -265,13 +360,12 @@ def generate(output_dir: str, num_subjects: int = 60, images_per_cell: int = 10,
   os.makedirs(output_dir, exist_ok=True)
   for expression in contract.EXPRESSIONS:
     os.makedirs(os.path.join(output_dir, expression), exist_ok=True)
-  params = _wanted_params(num_subjects, images_per_cell, seed, confounders)
+  params = _wanted_params(num_subjects, images_per_cell, seed, confounders, *options)
   # Marked incomplete until the manifest is in place, so an interrupted run is
   # recognised as ours (and redone) rather than reused.
   _write_params(output_dir, dict(params, complete=False))
 
-  subjects = make_subjects(num_subjects, seed, confounders)
-  jobs = [(output_dir, s, images_per_cell, seed) for s in subjects]
+  jobs = [(output_dir, s, p, seed) for s, p in zip(subjects, plans)]
   workers = min(workers or fileio.default_workers(), len(jobs))
   start = time.perf_counter()
   rows_by_subject: list[list[dict]] = []
@@ -303,13 +397,18 @@ def generate(output_dir: str, num_subjects: int = 60, images_per_cell: int = 10,
     log(f"wrote {stats.num_images} images of {num_subjects} subjects to {output_dir} "
         f"in {elapsed:.1f} s: {stats.images_per_second:.0f} images/s with "
         f"{workers} worker(s), {stats.images_per_core_second:.0f} images/s per core")
+    pinned = sum(p.pinned for p in plans)
+    if pinned:
+      log(f"{pinned} confounded subjects pinned to training (split=train); "
+          f"{num_subjects - pinned} clean subjects for the folds")
   return stats
 
 
 def write_contact_sheet(output_dir: str, subjects: Sequence[SubjectParams],
                         images_per_cell: int) -> str:
-  """A grid of image k=0: one row per subject, one column per expression."""
-  del images_per_cell  # k = 0 always exists
+  """A grid of image k=0: one row per subject, one column per expression (left
+  white where the subject does not show the expression)."""
+  del images_per_cell  # k = 0 exists wherever the subject shows the expression
   tile, label_w, header_h = SIZE, 44, 22
   sheet = np.full((header_h + tile * len(subjects), label_w + tile * contract.NUM_CLASSES),
                   255, np.uint8)
@@ -323,7 +422,8 @@ def write_contact_sheet(output_dir: str, subjects: Sequence[SubjectParams],
                 cv2.LINE_AA)
     for j, expression in enumerate(contract.EXPRESSIONS):
       path = os.path.join(output_dir, image_relpath(subject.subject_id, expression, 0))
-      img = cv2.imread(path, cv2.IMREAD_GRAYSCALE)
+      # Checked first: OpenCV warns on stderr about every file it cannot open.
+      img = cv2.imread(path, cv2.IMREAD_GRAYSCALE) if os.path.isfile(path) else None
       if img is not None:
         sheet[y:y + tile, label_w + j * tile:label_w + (j + 1) * tile] = img
   path = os.path.join(output_dir, CONTACT_SHEET_NAME)
@@ -339,19 +439,24 @@ def _is_complete(output_dir: str, params: dict) -> bool:
   old = _read_params(output_dir)
   if old is None or not old.get("complete"):
     return False
-  if any(old.get(k) != v for k, v in params.items()):
+  # The option keys are compared even when absent from one side: a set made
+  # with an option on must not stand in for the balanced set, nor vice versa.
+  if any(old.get(k) != params.get(k) for k in set(params) | set(_OPTION_KEYS)):
     return False
   try:
     records = contract.read_manifest(output_dir, check_files=True)
   except UserError:
     return False
-  expected = params["num_subjects"] * params["images_per_cell"] * contract.NUM_CLASSES
+  expected = len(_recorded_relpaths(params))
   return len(records) == expected and all(r.source == SOURCE for r in records)
 
 
 def ensure_synthetic(output_dir: str, num_subjects: int = 60,
                      images_per_cell: int = 10, seed: int = 0, *,
-                     confounders: float = 1.0, workers: int = 1,
+                     confounders: float = 1.0,
+                     expressions_per_subject: int = ALL_EXPRESSIONS,
+                     attribute_strength: float = NO_ATTRIBUTE,
+                     clean_fraction: float = DEFAULT_CLEAN_FRACTION, workers: int = 1,
                      log: Optional[Callable[[str], None]] = None) -> str:
   """Returns a directory holding the synthetic set, generating it only if needed.
 
@@ -362,9 +467,10 @@ def ensure_synthetic(output_dir: str, num_subjects: int = 60,
   core, and worker processes would re-import the caller's main module (JAX,
   TensorFlow) to start.
   """
-  _check_args(num_subjects, images_per_cell, confounders)
+  options = (expressions_per_subject, attribute_strength, clean_fraction)
+  _check_args(num_subjects, images_per_cell, confounders, *options)
   output_dir = os.path.abspath(output_dir)
-  params = _wanted_params(num_subjects, images_per_cell, seed, confounders)
+  params = _wanted_params(num_subjects, images_per_cell, seed, confounders, *options)
   if _is_complete(output_dir, params):
     return output_dir
   if os.path.isdir(output_dir) and _existing_entries(output_dir) \
@@ -373,6 +479,8 @@ def ensure_synthetic(output_dir: str, num_subjects: int = 60,
         f"{output_dir} holds files that data_tools.synthetic did not write: point "
         "the synthetic set at an empty or new directory")
   generate(output_dir, num_subjects, images_per_cell, seed, confounders=confounders,
+           expressions_per_subject=expressions_per_subject,
+           attribute_strength=attribute_strength, clean_fraction=clean_fraction,
            workers=workers, overwrite=True, log=log)
   return output_dir
 
@@ -390,6 +498,15 @@ def _define_flags():
   flags.DEFINE_integer("workers", 0, "Worker processes (0: one per available core).")
   flags.DEFINE_float("confounders", 1.0,
                      "Scale of the identity confounders (0 turns them off).")
+  flags.DEFINE_integer("expressions_per_subject", ALL_EXPRESSIONS,
+                       "Expressions each subject shows (1-7), with uneven counts; "
+                       "7 = every expression, images_per_cell each.")
+  flags.DEFINE_float("attribute_strength", NO_ATTRIBUTE,
+                     "0-1: how exclusively the confounded cohort's attribute (glasses "
+                     "or long hair) picks its half of the expressions; 0 = off.")
+  flags.DEFINE_float("clean_fraction", DEFAULT_CLEAN_FRACTION,
+                     "With --attribute_strength: fraction of subjects in the clean, "
+                     "tested cohort; the rest are pinned to training (split=train).")
   flags.DEFINE_bool("overwrite", False,
                     "Write into a directory that already holds files (only files "
                     "this tool wrote are ever deleted).")
@@ -404,8 +521,9 @@ def main(argv: Sequence[str]) -> None:
   f = FLAGS
   try:
     generate(f.output_dir, f.num_subjects, f.images_per_cell, f.seed,
-             confounders=f.confounders, workers=f.workers, overwrite=f.overwrite,
-             log=print)
+             confounders=f.confounders, expressions_per_subject=f.expressions_per_subject,
+             attribute_strength=f.attribute_strength, clean_fraction=f.clean_fraction,
+             workers=f.workers, overwrite=f.overwrite, log=print)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -8,9 +8,16 @@ data_tools/synthetic_faces.py; writing a set of images is data_tools/synthetic.p
 
 Changing what any function here returns changes the rendered images: bump
 `RENDER_VERSION` in data_tools/synthetic.py, or cached sets are silently reused.
+
+`plan_subjects` decides which expressions each subject shows and how many images
+of each (the confounded benchmark's per-subject subsets, skewed counts and
+cohorts; see its docstring). It never changes who a person is or how an image
+is drawn: a plan only selects which of the (seed, subject, expression, k) images
+exist.
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
@@ -64,6 +71,10 @@ _TRAITS = tuple(TRAIT_AU) + ("raised_brows", "nasolabial", "forehead_lines")
 # Independent random streams (mixed into numpy SeedSequences with the user seed).
 _SUBJECT_STREAM = 0x5B1EC7
 _IMAGE_STREAM = 0x1A6E
+# Who shows which expressions (plan_subjects): their own streams, so that the
+# people and every image's pixels stay those of the balanced set.
+_PLAN_STREAM = 0x9A1A
+_COHORT_STREAM = 0xC040
 
 
 @dataclasses.dataclass(frozen=True)
@@ -292,3 +303,202 @@ def expression_aus(subject: SubjectParams, expression: str, intensity: float,
   if rng.random() < 0.4:
     aus[int(rng.integers(NUM_AUS))] += rng.uniform(0.0, 0.2)
   return np.clip(aus, 0.0, 1.2)
+
+
+# ----------------------------------------------------------------------------
+# Who shows which expressions, and how often (the confounded benchmark).
+
+# The appearance attribute that the confounded cohort's expressions follow:
+# glasses or long hair (hair_style 2). Both are large, dark-on-skin shapes (rims
+# around both eyes; hair down both sides of the face to the image's edge) that
+# stay plain at 64 and 48 px and survive per-image standardisation, lighting and
+# blur, unlike skin or hair tone, which a random background and lighting
+# gradient partly wash out. They are the renderer's own draws (about 12% and
+# 20% of people, so about 30% have the attribute): the people are those of the
+# balanced set.
+ATTRIBUTE = "glasses or long hair"
+# The expressions a confounded subject with the attribute favours; those without
+# it favour the rest. The halves part the most confusable pairs (fear and
+# surprise share AU1, 2, 5 and 26; sadness is the subtlest departure from
+# neutral), so the attribute is a tempting tie-breaker for a classifier.
+ATTRIBUTE_EXPRESSIONS = ("anger", "disgust", "fear", "sadness")
+OTHER_EXPRESSIONS = tuple(e for e in contract.EXPRESSIONS
+                          if e not in ATTRIBUTE_EXPRESSIONS)
+# Each expression needs two subjects, or there is no same-expression pair of
+# two different people for it.
+MIN_SUBJECTS_PER_EXPRESSION = 2
+
+
+def has_attribute(subject: SubjectParams) -> bool:
+  """Whether the subject has the benchmark's appearance attribute (ATTRIBUTE)."""
+  return bool(subject.glasses or subject.hair_style == 2)
+
+
+def favoured_expressions(subject: SubjectParams) -> tuple[str, ...]:
+  """The half of the expressions the subject's attribute value goes with."""
+  return ATTRIBUTE_EXPRESSIONS if has_attribute(subject) else OTHER_EXPRESSIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class SubjectPlan:
+  """Which images of one subject a set holds.
+
+  Attributes:
+    subject_id: the subject's id (s000, ...).
+    counts: images per expression, in contract.EXPRESSIONS order; 0 = not shown.
+    pinned: in the confounded cohort, so always trained on (manifest split=train).
+    attribute: has_attribute(subject).
+  """
+
+  subject_id: str
+  counts: tuple[int, ...]
+  pinned: bool
+  attribute: bool
+
+  @property
+  def expressions(self) -> tuple[str, ...]:
+    return tuple(e for e, n in zip(contract.EXPRESSIONS, self.counts) if n)
+
+
+def round_half_up(x: float) -> int:
+  """x rounded to the nearest integer, halves up (Python's round() goes to even)."""
+  return int(math.floor(x + 0.5))
+
+
+def clean_cohort(subjects: list[SubjectParams], clean_fraction: float,
+                 seed: int) -> set[int]:
+  """Indices of the clean cohort: round(clean_fraction x subjects) people.
+
+  Drawn (seeded) within each attribute value in proportion to its size, so the
+  attribute is as common among clean subjects as among confounded ones and
+  only who shows what differs between the cohorts.
+  """
+  num_clean = round_half_up(clean_fraction * len(subjects))
+  groups = ([s.index for s in subjects if has_attribute(s)],
+            [s.index for s in subjects if not has_attribute(s)])
+  with_attribute = round_half_up(num_clean * len(groups[0]) / max(len(subjects), 1))
+  r = np.random.default_rng(np.random.SeedSequence([seed, _COHORT_STREAM]))
+  clean = set()
+  for group, n in zip(groups, (with_attribute, num_clean - with_attribute)):
+    clean.update(int(i) for i in r.permutation(np.array(group, np.int64))[:n])
+  return clean
+
+
+def _expression_weights(subject: SubjectParams, confounded: bool,
+                        attribute_strength: float) -> np.ndarray:
+  """How likely the subject is to show each expression: 1 for the half its
+  attribute favours, 1 - strength for the other half (all 1 when clean)."""
+  if not confounded:
+    return np.ones(len(contract.EXPRESSIONS))
+  favoured = favoured_expressions(subject)
+  return np.array([1.0 if e in favoured else 1.0 - attribute_strength
+                   for e in contract.EXPRESSIONS])
+
+
+def _draw_subset(r: np.random.Generator, weights: np.ndarray,
+                 k: int) -> list[int]:
+  """k expression indices drawn without replacement with prob. ~ weights.
+
+  Efraimidis-Spirakis: the k largest keys u^(1/w) are a weighted sample. Ranked
+  by log(u) / w, which orders alike without underflowing to ties for tiny w;
+  weight-0 expressions rank last (-inf), in the order of their u, so they are
+  drawn only when the others run out.
+  """
+  u = r.random(len(weights))
+  with np.errstate(divide="ignore"):
+    keys = np.where(weights > 0, np.log(u) / np.where(weights > 0, weights, 1.0),
+                    -np.inf)
+  # lexsort: the last key is the primary one.
+  return [int(i) for i in np.lexsort((-u, -keys))[:k]]
+
+
+def _cover_every_expression(subsets: list[list[int]],
+                            weights: list[np.ndarray]) -> None:
+  """Edits subsets in place until every expression has two subjects showing it.
+
+  Deterministic: while an expression e (lowest index first) has fewer than two,
+  one subject not showing e swaps one of its expressions f for e, where f is
+  shown by more than two subjects (so f keeps two). The swap goes to the subject
+  most willing to show e (highest weight, so confounded subjects keep their
+  favoured half where possible), then the most-shown f, then the lowest subject
+  index and slot. Such a swap exists whenever subjects x k >= 14 (the caller
+  checks): e lacks shows, so some f has at least three, two of them by subjects
+  without e. Each swap lowers the total shortfall by one, so it ends.
+  """
+  num = len(contract.EXPRESSIONS)
+  while True:
+    shows = np.bincount([e for subset in subsets for e in subset], minlength=num)
+    lacking = np.flatnonzero(shows < MIN_SUBJECTS_PER_EXPRESSION)
+    if not lacking.size:
+      return
+    e = int(lacking[0])
+    candidates = [(-weights[i][e], -shows[f], i, j)
+                  for i, subset in enumerate(subsets) if e not in subset
+                  for j, f in enumerate(subset)
+                  if shows[f] > MIN_SUBJECTS_PER_EXPRESSION]
+    _, _, i, j = min(candidates)
+    subsets[i][j] = e
+
+
+def _image_counts(shares: np.ndarray, weights: np.ndarray, total: int) -> np.ndarray:
+  """`total` images over the slots: one each, the rest by shares x weights
+  (largest remainders, ties to the first slot)."""
+  q = shares * weights
+  q = q / q.sum() if q.sum() > 0 else shares / shares.sum()
+  extra = total - len(shares)
+  raw = extra * q
+  counts = np.floor(raw).astype(np.int64)
+  order = np.argsort(-(raw - counts), kind="stable")
+  counts[order[:extra - int(counts.sum())]] += 1
+  return 1 + counts
+
+
+def plan_subjects(subjects: list[SubjectParams], images_per_cell: int, seed: int,
+                  expressions_per_subject: int = 7, attribute_strength: float = 0.0,
+                  clean_fraction: float = 0.4) -> list[SubjectPlan]:
+  """Which expressions each subject shows, and how many images of each.
+
+  With expressions_per_subject = 7 and attribute_strength = 0 (the defaults):
+  every subject shows every expression images_per_cell times (the balanced set).
+  Otherwise:
+  - Cohorts (only when attribute_strength > 0): `clean_cohort` draws
+    round(clean_fraction x subjects) clean subjects; the rest are the confounded
+    cohort, pinned to training (SubjectPlan.pinned).
+  - Weights: a confounded subject shows the half of the expressions its
+    attribute favours (`favoured_expressions`) with weight 1, the other half
+    with weight 1 - attribute_strength; a clean subject weighs all 7 alike.
+  - Subset: each subject draws K = expressions_per_subject expressions without
+    replacement with probability ~ weight (at strength 1 the other half is drawn
+    only when the favoured half has fewer than K).
+  - Counts: the subject's K x images_per_cell images are split over its K
+    expressions: one image each, and the rest in proportion to a flat
+    Dirichlet(1, ..., 1) share times the expression's weight (so at strength s
+    an expression of the other half also gets (1 - s) of its share).
+  - Cover: then `_cover_every_expression` makes every expression shown by at
+    least two subjects (needs subjects x K >= 14 when K < 7).
+  Every draw comes from the subject's own seeded stream, apart from the cohort
+  draw and the cover, which look at all subjects; nothing depends on workers.
+  """
+  k = int(expressions_per_subject)
+  num = len(contract.EXPRESSIONS)
+  if k == num and attribute_strength == 0:
+    return [SubjectPlan(s.subject_id, (int(images_per_cell),) * num, False,
+                        has_attribute(s)) for s in subjects]
+  clean = (clean_cohort(subjects, clean_fraction, seed) if attribute_strength > 0
+           else {s.index for s in subjects})
+  weights, subsets, shares = [], [], []
+  for s in subjects:
+    r = np.random.default_rng(np.random.SeedSequence([seed, _PLAN_STREAM, s.index]))
+    w = _expression_weights(s, s.index not in clean, attribute_strength)
+    weights.append(w)
+    subsets.append(_draw_subset(r, w, k))
+    shares.append(r.dirichlet(np.ones(k)))
+  if k < num:
+    _cover_every_expression(subsets, weights)
+  plans = []
+  for s, w, subset, share in zip(subjects, weights, subsets, shares):
+    counts = np.zeros(num, np.int64)
+    counts[subset] = _image_counts(share, w[subset], k * int(images_per_cell))
+    plans.append(SubjectPlan(s.subject_id, tuple(int(n) for n in counts),
+                             s.index not in clean, has_attribute(s)))
+  return plans

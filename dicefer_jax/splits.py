@@ -8,14 +8,23 @@ confounder DICE-FER is meant to remove. So `split_records` picks, in order:
    Published numbers use it, so folds are ignored. Subjects on both sides are
    named in a `SplitWarning` and kept in `SplitInfo.shared_subjects`: the split
    stays the dataset's, but its scores are then not subject-independent.
-2. `subject`: every record has a subject id. A seeded k-fold over SUBJECTS; the
+2. `subject_pinned`: some records say `split=train` and all the others leave it
+   empty. Their subjects are always in training; a seeded k-fold over the OTHER
+   subjects makes the test folds (fold k tests the unpinned subjects of fold k and
+   trains on the pinned ones plus the other unpinned). Every record needs a
+   subject id, and a subject is pinned in all of its images or in none. The
+   synthetic set's confounded benchmark (data_tools/synthetic.py) pins the
+   cohort whose appearance predicts its expressions, so only the clean cohort is
+   tested. Any other mix of split values (some `test` and some empty, say) is a
+   DataError that says what to write.
+3. `subject`: every record has a subject id. A seeded k-fold over SUBJECTS; the
    test fold holds out whole people.
-3. `grouped`: some records have a subject id, some do not. A seeded k-fold over
+4. `grouped`: some records have a subject id, some do not. A seeded k-fold over
    groups: each known subject is one group (held out whole) and each image without
    a subject is a group of its own; stratified by expression as far as the groups
    allow. The images without a subject may show people seen on the other side,
    which no one can check, so a `SplitWarning` gives their count.
-4. `stratified`: no record has a subject id. Every image is its own group, so this
+5. `stratified`: no record has a subject id. Every image is its own group, so this
    is a seeded k-fold over images stratified by expression; same warning.
 
 Every k-fold depends only on the set of records and the seed, never on the order of
@@ -35,13 +44,18 @@ from dicefer_jax.contract import Record
 from dicefer_jax.errors import DataError
 
 OFFICIAL_SPLITS = ("train", "test")
+# The split value that pins a subject to training when the other records have none.
+PINNED = "train"
 
 # The kinds of split, as they appear in SplitInfo.kind and in reports.
 OFFICIAL = "official"
 SUBJECT = "subject"
 GROUPED = "grouped"
 STRATIFIED = "stratified"
-SPLIT_KINDS = (OFFICIAL, SUBJECT, GROUPED, STRATIFIED)
+SUBJECT_PINNED = "subject_pinned"
+SPLIT_KINDS = (OFFICIAL, SUBJECT, GROUPED, STRATIFIED, SUBJECT_PINNED)
+# fold_assignments' fold of a pinned record: in no test fold.
+PINNED_FOLD = -1
 
 # How many shared subjects a warning names before it only counts the rest.
 _NAMED_SUBJECTS = 5
@@ -56,7 +70,8 @@ class SplitInfo:
   """How a split was made; small enough to log or write into a JSON report.
 
   Attributes:
-    kind: one of SPLIT_KINDS: 'official', 'subject', 'grouped' or 'stratified'.
+    kind: one of SPLIT_KINDS: 'official', 'subject', 'grouped', 'stratified' or
+      'subject_pinned'.
     fold: the held-out fold (None for the official split).
     num_folds: the number of folds (None for the official split).
     seed: the seed of the fold assignment (None for the official split).
@@ -88,10 +103,60 @@ class SplitInfo:
 
 
 def split_kind(records: Sequence[Record]) -> str:
-  """The kind of split `split_records` makes for these records (see SPLIT_KINDS)."""
+  """The kind of split `split_records` makes for these records (see SPLIT_KINDS).
+
+  Raises:
+    DataError: a split column that is neither official, nor pinning, nor empty,
+      or pinning that is not by whole, known subjects (see `pinned_subjects`).
+  """
   if records and all(r.split in OFFICIAL_SPLITS for r in records):
     return OFFICIAL
+  if pinned_subjects(records):
+    return SUBJECT_PINNED
   return _fold_kind(records)
+
+
+def _describe_values(records: Sequence[Record]) -> str:
+  """Counts of the split column's values, e.g. "3 'test', 5 empty"."""
+  counts = {}
+  for r in records:
+    counts[r.split] = counts.get(r.split, 0) + 1
+  return ", ".join(f"{n} {repr(v) if v else 'empty'}" for v, n in sorted(counts.items()))
+
+
+def pinned_subjects(records: Sequence[Record]) -> tuple[str, ...]:
+  """Sorted ids of the subjects pinned to training by `split=train`; () if none.
+
+  Only for a split column that is not official (not every record train/test).
+
+  Raises:
+    DataError: split values other than train and empty (in a column that is
+      not official); pinning while some image lacks a subject id; a subject
+      pinned in some of its images only.
+  """
+  values = {r.split for r in records}
+  if not values - {""}:
+    return ()
+  if values - {PINNED, ""}:
+    raise DataError(
+        f"the manifest's split column holds {_describe_values(records)} values: "
+        "write train/test on every image for an official split, train on some "
+        "subjects and nothing on the others to always train on those and fold "
+        "over the rest, or clear it for folds over all subjects")
+  missing = sum(1 for r in records if not r.subject)
+  if missing:
+    raise DataError(
+        f"the manifest pins subjects to training (split=train) but {missing} "
+        f"image(s) lack a subject id: give every image a subject, or clear the "
+        "split column")
+  pinned = {r.subject for r in records if r.split == PINNED}
+  mixed = sorted({r.subject for r in records if r.split != PINNED} & pinned)
+  if mixed:
+    raise DataError(
+        f"{len(mixed)} subject(s) ({_some_names(mixed)}) have images with "
+        "split=train and images without: pin a subject in all of its images or "
+        "in none")
+  return tuple(sorted(pinned))
 
 
 def _fold_kind(records: Sequence[Record]) -> str:
@@ -266,21 +331,41 @@ def _row_key(record: Record) -> tuple[str, ...]:
   return (record.path, record.expression, record.subject, record.source, record.split)
 
 
+def _pinned_folds(records: Sequence[Record], pinned: Sequence[str], num_folds: int,
+                  seed: int) -> np.ndarray:
+  """Folds of a `subject_pinned` split: PINNED_FOLD for pinned records, else the
+  subject_folds of the unpinned subjects."""
+  pinned = set(pinned)
+  free = sorted({r.subject for r in records} - pinned)
+  if len(free) < num_folds:
+    raise DataError(
+        f"{len(free)} subject(s) without split=train cannot fill {num_folds} "
+        f"subject-held-out folds ({len(pinned)} more are pinned to training): lower "
+        f"num_folds to at most {max(len(free), 1)}, or pin fewer subjects")
+  folds = subject_folds(free, num_folds, seed)
+  return np.array([PINNED_FOLD if r.subject in pinned else folds[r.subject]
+                   for r in records], dtype=np.int64)
+
+
 def fold_assignments(records: Sequence[Record], *, num_folds: int = 5,
                      seed: int = 0) -> np.ndarray:
   """Fold index (0..num_folds-1) of every record, by subject, grouped or stratified.
 
   Ignores any official split column: this is the k-fold view used when there is
-  no official split (and by tests that check the folds partition the data).
+  no official split (and by tests that check the folds partition the data). A
+  pinning split column (`subject_pinned`) is honoured: pinned records get
+  PINNED_FOLD (-1, in no test fold) and the other subjects are folded.
 
   Raises:
-    DataError: empty records, bad num_folds, or fewer subjects, groups or images
-      than folds.
+    DataError: empty records, bad num_folds, fewer subjects, groups or images
+      than folds, or a split column that is neither official, pinning nor empty.
   """
   _check_fold_args(num_folds, 0)
   records = list(records)
   if not records:
     raise DataError("cannot split an empty face set: the manifest lists no images")
+  if split_kind(records) == SUBJECT_PINNED:
+    return _pinned_folds(records, pinned_subjects(records), num_folds, seed)
   kind = _fold_kind(records)
   if kind == SUBJECT:
     folds = subject_folds([r.subject for r in records], num_folds, seed)
@@ -333,7 +418,8 @@ def split_records(records: Sequence[Record], *, num_folds: int = 5, fold: int = 
 
   Raises:
     DataError: empty records, fold out of range, fewer subjects (or groups, or
-      images) than folds, or an official split with an empty train or test part.
+      images) than folds, an official split with an empty train or test part, or
+      a split column that is neither official, pinning nor empty.
   """
   _check_fold_args(num_folds, fold)
   records = list(records)
@@ -369,6 +455,11 @@ def split_records(records: Sequence[Record], *, num_folds: int = 5, fold: int = 
   if kind == SUBJECT:
     note = (f"whole subjects held out: {len(_known_subjects(test))} of "
             f"{num_subjects} subjects in the test fold")
+  elif kind == SUBJECT_PINNED:
+    num_pinned = len(pinned_subjects(records))
+    note = (f"{num_pinned} subjects always in training (split=train); folds over "
+            f"the other {num_subjects - num_pinned}: {len(_known_subjects(test))} "
+            "of them in the test fold")
   else:
     missing = sum(1 for r in records if not r.subject)
     if kind == GROUPED:

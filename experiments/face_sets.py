@@ -12,11 +12,31 @@ from data_tools import synthetic
 from dicefer_jax import data as data_lib
 
 
-def synthetic_dir(config) -> str:
-  """Where the built-in synthetic set for this config lives (generated once)."""
+def _options(config) -> dict:
+  """The confounded benchmark's options of config.synthetic (data_tools.synthetic);
+  a config saved before they existed has them off."""
   s = config.synthetic
-  return os.path.join(data_lib.cache_root(config),
-                      f"synthetic_n{s.num_subjects}_k{s.images_per_cell}_seed{s.seed}")
+  # Not coerced: ensure_synthetic refuses a bad value in one line.
+  return dict(
+      expressions_per_subject=s.get("expressions_per_subject", synthetic.ALL_EXPRESSIONS),
+      attribute_strength=s.get("attribute_strength", synthetic.NO_ATTRIBUTE),
+      clean_fraction=s.get("clean_fraction", synthetic.DEFAULT_CLEAN_FRACTION))
+
+
+def synthetic_dir(config) -> str:
+  """Where the built-in synthetic set for this config lives (generated once).
+
+  The confounded benchmark's options are in the name only when on, so the
+  balanced set keeps the directory (and cached copy) it always had.
+  """
+  s = config.synthetic
+  name = f"synthetic_n{s.num_subjects}_k{s.images_per_cell}_seed{s.seed}"
+  options = _options(config)
+  if options["expressions_per_subject"] != synthetic.ALL_EXPRESSIONS:
+    name += f"_e{options['expressions_per_subject']:g}"
+  if options["attribute_strength"] != synthetic.NO_ATTRIBUTE:
+    name += f"_a{options['attribute_strength']:g}_c{options['clean_fraction']:g}"
+  return os.path.join(data_lib.cache_root(config), name)
 
 
 def resolve_data_dir(config) -> str:
@@ -25,7 +45,7 @@ def resolve_data_dir(config) -> str:
     return config.data_dir
   s = config.synthetic
   return synthetic.ensure_synthetic(synthetic_dir(config), s.num_subjects,
-                                    s.images_per_cell, s.seed)
+                                    s.images_per_cell, s.seed, **_options(config))
 
 
 class FaceSets:

@@ -250,6 +250,11 @@ def _split_note(kind: str, num_folds: int, seed: int) -> str:
   if kind == "subject":
     return (f"Subject-held-out {num_folds}-fold cross-validation (seed {seed}): every "
             "test fold holds out whole people.")
+  if kind == splits.SUBJECT_PINNED:
+    return (f"Subject-held-out {num_folds}-fold cross-validation (seed {seed}) over the "
+            "subjects the manifest does not pin: those marked split=train are in "
+            "training in every fold, so every test fold holds out whole people of the "
+            "other group only.")
   if kind == "stratified":
     return (f"Subject ids are missing, so the {num_folds} folds are over images "
             "(stratified by expression): test people may also appear in training, "

@@ -755,3 +755,12 @@ def test_paired_differences_and_metrics_an_ablation_cannot_move():
   md = protocol.markdown(report)
   assert "| dicefer_no_stage2 | 4/4 | = dicefer |" in md
   assert f"+0.200 [{0.2 - half:+.3f}, {0.2 + half:+.3f}]" in md
+
+
+def test_a_pinned_split_is_described_as_such():
+  """Catches the report describing folds over unpinned subjects (the confounded
+  synthetic set) as folds over images without subject ids."""
+  from dicefer_jax import splits  # pylint: disable=g-import-not-at-top
+  note = protocol._split_note(splits.SUBJECT_PINNED, 5, 0)
+  assert "split=train" in note and "in training in every fold" in note
+  assert "without a subject" not in note

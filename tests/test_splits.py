@@ -1,4 +1,4 @@
-"""Tests of official, subject-held-out, grouped and stratified splits.
+"""Tests of official, pinned, subject-held-out, grouped and stratified splits.
 
 Each test's docstring names the bug it catches. "Leak" means a person (subject id)
 whose images sit in both the training and the test part of one split.
@@ -18,7 +18,7 @@ from dicefer_jax.contract import EXPRESSIONS, Record
 from dicefer_jax.errors import DataError
 
 # The kinds' names are part of the reports; callers compare against them.
-KINDS = ("official", "subject", "grouped", "stratified")
+KINDS = ("official", "subject", "grouped", "stratified", "subject_pinned")
 
 
 def make_records(num_subjects=12, per_class=2, subject=True, split=None):
@@ -44,8 +44,9 @@ def without_subject(records, indices):
 
 def records_of_kind(kind):
   """A small face set for which `split_records` makes a `kind` k-fold."""
+  pin = (lambda s: "train" if s in (2, 5, 8) else "") if kind == "subject_pinned" else None
   records = make_records(num_subjects=10, per_class=1,
-                         subject=kind != "stratified")
+                         subject=kind != "stratified", split=pin)
   if kind == "grouped":
     # Unknown images from several subjects, two of them from the same one.
     records = without_subject(records, [0, 9, 30, 31, 50])
@@ -177,7 +178,7 @@ def test_no_subjects_gives_balanced_stratified_folds_and_warns():
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("kind", ["subject", "grouped", "stratified"])
+@pytest.mark.parametrize("kind", ["subject", "grouped", "stratified", "subject_pinned"])
 def test_splits_are_deterministic_and_depend_on_the_seed(kind):
   """Catches unseeded folds (runs not reproducible) and a seed that is ignored."""
   records = records_of_kind(kind)
@@ -190,7 +191,7 @@ def test_splits_are_deterministic_and_depend_on_the_seed(kind):
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
-@pytest.mark.parametrize("kind", ["subject", "grouped", "stratified"])
+@pytest.mark.parametrize("kind", ["subject", "grouped", "stratified", "subject_pinned"])
 def test_folds_do_not_depend_on_manifest_order(kind):
   """Catches folds that change when the manifest's rows are reordered (stratified
   folds did): the same face set and seed must give the same folds."""
@@ -306,13 +307,132 @@ def test_official_split_with_many_shared_subjects_names_a_few_and_counts():
   assert info.shared_subjects == tuple(f"s{s}" for s in range(10))
 
 
-def test_partial_official_split_falls_back_to_folds():
-  """Catches a half-filled split column being used as if it were official."""
+def test_partial_train_column_pins_subjects_instead_of_being_official():
+  """Catches a half-filled split column (train on some images, empty on the
+  rest) being used as if it were official, or ignored: its train subjects must
+  be pinned to training and the rest folded."""
   records = make_records(num_subjects=6, split=lambda s: "train" if s else "")
-  assert splits.split_kind(records) == "subject"
+  assert splits.split_kind(records) == "subject_pinned"
+  with pytest.raises(DataError, match="1 subject"):
+    splits.split_records(records, num_folds=3, fold=0)  # one unpinned subject
+  records = make_records(num_subjects=6, split=lambda s: "train" if s > 2 else "")
   train, test, info = splits.split_records(records, num_folds=3, fold=0)
-  assert info.kind == "subject" and info.num_folds == 3
+  assert info.kind == "subject_pinned" and info.num_folds == 3
   assert not known_subjects(train) & known_subjects(test)
+  assert {"s3", "s4", "s5"} <= known_subjects(train)
+
+
+def pinned_records(num_pinned=6, num_free=12):
+  """Subjects p0.. pinned to training (split=train) and s0.. with no split, in an
+  interleaved order (pinning must not depend on where rows are)."""
+  pinned = make_records(num_subjects=num_pinned, split=lambda s: "train")
+  pinned = [dataclasses.replace(r, subject="p" + r.subject[1:],
+                                path=r.path.replace("/s", "/p")) for r in pinned]
+  free = make_records(num_subjects=num_free)
+  records = [r for pair in zip(pinned, free) for r in pair]
+  return records + pinned[len(free):] + free[len(pinned):]
+
+
+@pytest.mark.parametrize("num_folds, seed", [(5, 0), (3, 7), (12, 1)])
+def test_pinned_subjects_always_train_and_folds_partition_the_others(num_folds, seed):
+  """Catches pinned subjects landing in a test fold, folds over the unpinned
+  subjects that overlap or miss one, a subject on both sides, fold_assignments
+  disagreeing with split_records, and a note that does not say what was pinned."""
+  records = pinned_records()
+  pinned = {f"p{i}" for i in range(6)}
+  free = {f"s{i}" for i in range(12)}
+  assert splits.split_kind(records) == "subject_pinned"
+  assert splits.pinned_subjects(records) == tuple(sorted(pinned))
+  folds = splits.fold_assignments(records, num_folds=num_folds, seed=seed)
+  assert sorted(set(folds.tolist())) == [-1] + list(range(num_folds))
+  assert {r.subject for r, k in zip(records, folds) if k == -1} == pinned
+  tested = collections.Counter()
+  for fold in range(num_folds):
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")  # nothing leaks: nothing to warn about
+      train, test, info = splits.split_records(records, num_folds=num_folds,
+                                               fold=fold, seed=seed)
+    assert info.kind == "subject_pinned"
+    assert (info.fold, info.num_folds, info.seed) == (fold, num_folds, seed)
+    assert test and pinned <= known_subjects(train)
+    assert known_subjects(test) <= free
+    assert not known_subjects(train) & known_subjects(test)
+    assert info.shared_subjects == ()
+    assert [id(r) for r in test] == [id(r) for r, k in zip(records, folds) if k == fold]
+    assert len(train) + len(test) == len(records)
+    assert info.note.startswith("6 subjects always in training (split=train); folds "
+                                "over the other 12")
+    tested.update(known_subjects(test))
+  assert tested == collections.Counter(free), "the folds do not partition the rest"
+
+
+def test_pinned_folds_are_the_subject_folds_of_the_unpinned_subjects():
+  """Catches pinned subjects shifting the folds of the others: the test folds of
+  a pinned set must be those of the unpinned subjects alone (so pinning a cohort
+  changes what trains, never which clean subjects are tested together)."""
+  records = pinned_records()
+  alone = [r for r in records if r.split != "train"]
+  for fold in range(4):
+    _, test, _ = splits.split_records(records, num_folds=4, fold=fold, seed=3)
+    _, test_alone, info = splits.split_records(alone, num_folds=4, fold=fold, seed=3)
+    assert info.kind == "subject"
+    assert [r.path for r in test] == [r.path for r in test_alone]
+
+
+def _with_split(records, split_of):
+  return [dataclasses.replace(r, split=split_of(i, r)) for i, r in enumerate(records)]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("test_and_empty", r"holds \d+ empty, \d+ 'test' values: write train/test on every"),
+    ("train_test_and_empty", r"holds \d+ empty, \d+ 'test', \d+ 'train' values"),
+    ("unknown_value", r"holds \d+ empty, \d+ 'val' values"),
+    ("pinned_without_subject", r"lack a subject id: give every image a subject"),
+    ("unpinned_without_subject", r"lack a subject id: give every image a subject"),
+    ("half_pinned_subject", r"1 subject\(s\) \(s3\) have images with split=train and "
+                            r"images without: pin a subject in all of its images"),
+])
+def test_bad_split_columns_are_one_line_errors(case, message):
+  """Catches mixes that are neither official, pinning nor empty being silently
+  folded over (a `test` column half filled in, a typo'd value), pinning without
+  subject ids (nothing to pin, or an image of a pinned person tested), and a
+  subject pinned in some images only (that person would be on both sides):
+  each must be one DataError line from every entry point, protocol's included."""
+  records = make_records(num_subjects=8)
+  if case == "test_and_empty":
+    records = _with_split(records, lambda i, r: "test" if r.subject == "s0" else "")
+  elif case == "train_test_and_empty":
+    records = _with_split(records, lambda i, r: {"s0": "train", "s1": "test"}.get(
+        r.subject, ""))
+  elif case == "unknown_value":
+    records = _with_split(records, lambda i, r: "val" if r.subject == "s0" else "")
+  elif case == "pinned_without_subject":
+    records = without_subject(
+        _with_split(records, lambda i, r: "train" if r.subject == "s0" else ""), [0])
+  elif case == "unpinned_without_subject":
+    records = without_subject(
+        _with_split(records, lambda i, r: "train" if r.subject == "s0" else ""), [50])
+  else:
+    records = _with_split(
+        records, lambda i, r: "train" if r.subject == "s3" and r.expression != "fear"
+        else "")
+  calls = (splits.split_kind, splits.fold_assignments, splits.split_records)
+  for call in calls:
+    with pytest.raises(DataError, match=message) as error:
+      call(records)
+    assert "\n" not in str(error.value)
+
+
+def test_too_few_unpinned_subjects_for_the_folds():
+  """Catches folds over the unpinned subjects that come out empty (or count the
+  pinned ones) when too few subjects are left to fold over."""
+  records = pinned_records(num_pinned=6, num_free=3)
+  for split in (splits.split_records, splits.fold_assignments):
+    with pytest.raises(DataError, match=(
+        r"^3 subject\(s\) without split=train cannot fill 5 subject-held-out folds "
+        r"\(6 more are pinned to training\): lower num_folds to at most 3")) as error:
+      split(records, num_folds=5)
+    assert "\n" not in str(error.value)
 
 
 def test_split_kinds_are_the_documented_names():
@@ -321,7 +441,8 @@ def test_split_kinds_are_the_documented_names():
   cases += [records_of_kind(kind) for kind in KINDS[1:]]
   assert [splits.split_kind(r) for r in cases] == list(KINDS)
   assert splits.SPLIT_KINDS == KINDS
-  assert (splits.OFFICIAL, splits.SUBJECT, splits.GROUPED, splits.STRATIFIED) == KINDS
+  assert (splits.OFFICIAL, splits.SUBJECT, splits.GROUPED, splits.STRATIFIED,
+          splits.SUBJECT_PINNED) == KINDS
 
 
 def test_official_split_without_test_images_is_an_error():

@@ -2,7 +2,9 @@
 renderer it uses: synthetic_subjects.py, synthetic_faces.py, synthetic_canvas.py).
 
 Small sets only (a few subjects, one or two images per cell): the whole file
-should run in well under 20 s on two shared cores.
+should run in well under 20 s on two shared cores. The confounded benchmark's
+plans (who shows which expressions) are checked on 100 subjects without
+rendering them.
 """
 
 import collections
@@ -21,8 +23,10 @@ import numpy as np
 import pytest
 
 from data_tools import synthetic
+from data_tools import synthetic_subjects
 from dicefer_jax import contract
 from dicefer_jax import fileio
+from dicefer_jax import splits
 from dicefer_jax.errors import UserError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -449,13 +453,23 @@ def test_ensure_synthetic_leaves_foreign_directories_alone(tmp_path):
   assert (out / "manifest.csv").read_text() == "path,expression\n"
 
 
-@pytest.mark.parametrize("kwargs", [dict(num_subjects=0), dict(num_subjects=1001),
-                                    dict(images_per_cell=0), dict(confounders=-0.5),
-                                    dict(confounders=3.5)])
+@pytest.mark.parametrize("kwargs", [
+    dict(num_subjects=0), dict(num_subjects=1001), dict(images_per_cell=0),
+    dict(confounders=-0.5), dict(confounders=3.5),
+    dict(expressions_per_subject=0), dict(expressions_per_subject=8),
+    dict(expressions_per_subject=2.5),
+    # 3 subjects x 4 expressions: 12 pairs cannot give 7 expressions 2 subjects each.
+    dict(expressions_per_subject=4),
+    dict(attribute_strength=-0.1), dict(attribute_strength=1.5),
+    dict(clean_fraction=0.0), dict(clean_fraction=1.0),
+    # round(0.9 x 3) = 3 clean subjects: no confounded cohort to train on.
+    dict(attribute_strength=1.0, clean_fraction=0.9),
+])
 def test_bad_arguments_are_user_errors(tmp_path, kwargs):
   """Catches bad arguments crashing with a traceback or writing anything."""
-  with pytest.raises(UserError):
+  with pytest.raises(UserError) as error:
     _generate(tmp_path / "x", **kwargs)
+  assert "\n" not in str(error.value)
   assert not (tmp_path / "x").exists()
 
 
@@ -474,3 +488,312 @@ def test_throughput_report():
   rate = n / (time.perf_counter() - start)
   print(f"synthetic faces: {rate:.0f} images/s on one core (render + PNG encode)")
   assert rate > 20.0  # only catches a pathological slowdown
+
+
+# ----------------------------------------------------------------------------
+# The confounded benchmark: per-subject expression subsets, skewed counts, an
+# appearance attribute that goes with the expression in a pinned cohort.
+
+# The regression anchor of "options off = the balanced set of before": recorded
+# with the generator as it was before the options existed (3 subjects x 2 images
+# per cell, seed 0, one worker). The manifest and synthetic.json are pinned by
+# their bytes: they fix which images exist, their names, labels, subjects, split
+# column and intensities (so each image's random stream), and the parameters
+# that decide whether a cached set is reused. The PNGs are pinned by mean and
+# standard deviation, not bytes: blur and noise are float32 arithmetic that may
+# round differently on another CPU (see _PINNED_NUISANCE_STATS); on the CPU that
+# recorded them their sha256 were those below, for the record.
+_BALANCED_MANIFEST_SHA256 = (
+    "5f9f9fe0d46f6a9670ec6bf6fd1f5eddd66382240030d900f9f9d820ea8ede0e")
+_BALANCED_PARAMS_SHA256 = (
+    "621496669d4108417976406501921d3e6426e469e13e29e6caed0a4a850f5cc3")
+_BALANCED_PNG_STATS = {  # path: (mean, std, sha256 on the recording CPU)
+    "anger/s001_anger_1.png": (99.691, 38.716, "8f1d8a821a5d28b1672516df044d7c61"
+                               "60d3a4b7cb8561c583d9d182a9183164"),
+    "neutral/s000_neutral_0.png": (145.732, 32.037, "eb4bdfe7c6988d17992c99372aa6e97c"
+                                   "fccb5204c207db303c8a2d480f065f1d"),
+    "surprise/s002_surprise_0.png": (117.983, 62.977, "64ce1c19d851be3cf9afea148c9c5f43"
+                                     "a7ee9f474086e2233e483a690fe80096"),
+    "happiness/s002_happiness_1.png": (111.933, 60.025, "f74ae140d37d4506141e8686aaf976e1"
+                                       "166b316d056417586da6523a0b012166"),
+}
+
+
+def _all_bytes(path):
+  """Every file of a set (manifest, params, contact sheet, images) by name."""
+  out = {}
+  for root, _, files in os.walk(path):
+    for name in files:
+      full = os.path.join(root, name)
+      with open(full, "rb") as f:
+        out[os.path.relpath(full, path)] = f.read()
+  return out
+
+
+def _sha256(path):
+  with open(path, "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
+def test_options_off_give_the_balanced_set_of_before(small_set, tmp_path):
+  """Catches the new options changing the balanced set: a different manifest
+  (rows, order, split column, intensities), new keys in synthetic.json (a
+  cached default set would no longer be reused), different images, or
+  clean_fraction acting without an attribute. Compares options passed at their
+  off values with options absent, byte for byte, and both with the anchor
+  recorded before the options existed (see _BALANCED_MANIFEST_SHA256)."""
+  _generate(tmp_path / "off", expressions_per_subject=7, attribute_strength=0.0,
+            clean_fraction=0.9)
+  assert _all_bytes(tmp_path / "off") == _all_bytes(small_set)
+  assert _sha256(small_set / contract.MANIFEST_NAME) == _BALANCED_MANIFEST_SHA256
+  assert _sha256(small_set / synthetic.PARAMS_NAME) == _BALANCED_PARAMS_SHA256
+  for rel, (mean, std, _) in _BALANCED_PNG_STATS.items():
+    img = cv2.imread(str(small_set / rel), cv2.IMREAD_UNCHANGED)
+    assert img.mean() == pytest.approx(mean, abs=0.05), rel
+    assert img.std() == pytest.approx(std, abs=0.05), rel
+
+
+def _plans(num_subjects=100, k=3, strength=1.0, seed=0, images_per_cell=10,
+           clean_fraction=0.4):
+  subjects = synthetic.make_subjects(num_subjects, seed)
+  return synthetic_subjects.plan_subjects(subjects, images_per_cell, seed, k, strength,
+                                          clean_fraction)
+
+
+@pytest.mark.parametrize("num_subjects, k, strength", [
+    (7, 2, 0.0), (14, 1, 0.0), (14, 1, 1.0), (5, 3, 1.0), (30, 3, 1.0), (100, 3, 0.8),
+    (40, 6, 0.5), (20, 7, 1.0)])
+def test_every_subject_shows_k_expressions_and_every_expression_two_subjects(
+    num_subjects, k, strength):
+  """Catches subsets of the wrong size, an expression shown by fewer than two
+  subjects (no same-expression pair of two people: the draw must repair it,
+  which the tight cases 7 x 2 and 14 x 1 = 14 pairs always need), counts that do
+  not add up to K x images_per_cell, and shown expressions with no image."""
+  for seed in range(3):
+    plans = _plans(num_subjects, k, strength, seed, images_per_cell=4)
+    for p in plans:
+      assert len(p.expressions) == k, p
+      assert sum(p.counts) == k * 4, p
+      assert all(n >= 1 for n in p.counts if n) and all(n >= 0 for n in p.counts)
+    shows = collections.Counter(e for p in plans for e in p.expressions)
+    assert set(shows) == set(contract.EXPRESSIONS)
+    assert min(shows.values()) >= 2, shows
+
+
+def test_counts_are_skewed_but_a_function_of_the_seed():
+  """Catches equal counts (a subject's expressions not skewed, so only the
+  subset would carry identity), counts drawn from an unseeded or shared stream
+  (not reproducible), and a seed that does not reach the plan."""
+  plans = _plans()
+  assert plans == _plans()
+  assert [p.counts for p in _plans(seed=1)] != [p.counts for p in plans]
+  ratios = [max(p.counts) / min(n for n in p.counts if n) for p in plans]
+  assert np.mean([r >= 2.0 for r in ratios]) > 0.5, ratios
+  # Each subject's draws come from its own stream: the same subject plans alike
+  # in a bigger set as long as the cohort and the cover leave it alone.
+  clean_small = {p.subject_id: p for p in _plans(num_subjects=60, strength=0.0)}
+  clean_big = {p.subject_id: p for p in _plans(num_subjects=100, strength=0.0)}
+  same = [clean_small[i] == clean_big[i] for i in clean_small]
+  assert np.mean(same) > 0.9
+
+
+# The halves: with the attribute, a confounded subject favours these expressions.
+_ATTRIBUTE_HALF = np.array([e in synthetic_subjects.ATTRIBUTE_EXPRESSIONS
+                            for e in contract.EXPRESSIONS])
+
+
+def _images(plans, pinned):
+  """(attribute, label) of every image of one cohort."""
+  attribute, labels = [], []
+  for p in plans:
+    if p.pinned == pinned:
+      for label, n in enumerate(p.counts):
+        attribute += [p.attribute] * n
+        labels += [label] * n
+  return np.array(attribute, bool), np.array(labels)
+
+
+def _favoured_share(attribute, labels):
+  """(share of images whose label is in the half their subject's attribute
+  favours, that share minus its value if labels were independent of the
+  attribute, given the cohort's label frequencies)."""
+  in_attribute_half = _ATTRIBUTE_HALF[labels]
+  share = np.mean(in_attribute_half == attribute)
+  p = in_attribute_half.mean()
+  return share, share - np.mean(np.where(attribute, p, 1.0 - p))
+
+
+def _cramers_v(attribute, labels):
+  """Cramer's V of the 2 x 7 table attribute x label (1: either decides the other)."""
+  table = np.zeros((2, contract.NUM_CLASSES))
+  np.add.at(table, (attribute.astype(int), labels), 1)
+  table = table[:, table.sum(0) > 0]
+  expected = table.sum(1, keepdims=True) * table.sum(0, keepdims=True) / table.sum()
+  return float(np.sqrt(((table - expected) ** 2 / expected).sum() / table.sum()))
+
+
+@pytest.mark.parametrize("strength", [0.5, 1.0])
+def test_attribute_goes_with_expression_in_the_confounded_cohort_only(strength):
+  """Catches an attribute that does not steer the confounded cohort's
+  expressions (no shortcut), one that steers the clean cohort too (the test
+  subjects would reward the shortcut), cohorts of the wrong size, and an
+  attribute far more common in one cohort than the other.
+
+  Thresholds from the strength s: a confounded subject draws a favoured
+  expression with probability at least 3 / (3 + 4 (1 - s)) (the smaller half,
+  3 expressions, against 4 at weight 1 - s); drawing without replacement and
+  weighting the counts only raise the share of favoured images. The clean
+  cohort's share is what independence gives, within 0.1 (40 subjects showing 3
+  expressions: the excess stayed within +-0.06 over 8 seeds). Cramer's V of
+  attribute x label is 1 at s = 1 in the confounded cohort; in the clean cohort it
+  is what chance gives 40 subjects (0.2 to 0.32), never near 1.
+  """
+  for seed in range(3):
+    plans = _plans(strength=strength, seed=seed)
+    pinned = [p for p in plans if p.pinned]
+    assert len(pinned) == 60
+    attribute_rates = [np.mean([p.attribute for p in plans if p.pinned == cohort])
+                       for cohort in (True, False)]
+    assert abs(attribute_rates[0] - attribute_rates[1]) < 0.05, attribute_rates
+    share, excess = _favoured_share(*_images(plans, pinned=True))
+    assert share >= 3.0 / (3.0 + 4.0 * (1.0 - strength)) - 1e-9, (seed, share)
+    assert excess > 0.1, (seed, excess)
+    clean_share, clean_excess = _favoured_share(*_images(plans, pinned=False))
+    assert abs(clean_excess) < 0.1, (seed, clean_share, clean_excess)
+    if strength == 1.0:
+      assert _cramers_v(*_images(plans, pinned=True)) > 0.99
+      assert _cramers_v(*_images(plans, pinned=False)) < 0.5
+  # The clean cohort ignores the strength: its plans are those of any strength.
+  assert ([p for p in _plans(strength=strength) if not p.pinned] ==
+          [p for p in _plans(strength=0.3) if not p.pinned])
+
+
+def test_the_attribute_is_what_the_renderer_draws():
+  """Catches an attribute that is not drawn (glasses or long hair must change
+  the picture), and plans that change who a person is: subjects and pixels of
+  a confounded set are those of the balanced set."""
+  subjects = synthetic.make_subjects(40, 0)
+  for s in subjects:
+    assert synthetic_subjects.has_attribute(s) == (s.glasses or s.hair_style == 2)
+  for field, value in (("glasses", True), ("hair_style", 2)):
+    s = dataclasses.replace(subjects[0], glasses=False, hair_style=0)
+    diff = np.abs(_canonical(dataclasses.replace(s, **{field: value}), "neutral")
+                  - _canonical(s, "neutral"))
+    # Both rims of the glasses alone change about 20,000 grey levels on this
+    # face, long hair about 40,000: a plain change, not a faint one.
+    assert diff.sum() > 10000.0, field
+  assert 0.15 < np.mean([synthetic_subjects.has_attribute(s) for s in subjects]) < 0.5
+
+
+@pytest.fixture(scope="module")
+def confounded_set(tmp_path_factory):
+  """14 subjects showing 2 expressions each, 2 images per expression on
+  average, attribute at full strength, half of them clean."""
+  path = tmp_path_factory.mktemp("confounded") / "set"
+  _generate(path, num_subjects=14, images_per_cell=2, expressions_per_subject=2,
+            attribute_strength=1.0, clean_fraction=0.5)
+  return path
+
+
+def test_confounded_set_follows_its_plan_and_pins_its_cohort(confounded_set):
+  """Catches a manifest that does not match the plan (images of expressions a
+  subject does not show, wrong counts), a split column that does not pin
+  exactly the confounded cohort, and images that are not the balanced set's
+  renders of their (seed, subject, expression, k): a plan may only select."""
+  plans = {p.subject_id: p for p in _plans(14, 2, 1.0, 0, images_per_cell=2,
+                                            clean_fraction=0.5)}
+  subjects = {s.subject_id: s for s in synthetic.make_subjects(14, 0)}
+  with open(confounded_set / contract.MANIFEST_NAME, newline="") as f:
+    rows = list(csv.DictReader(f))
+  counts = collections.Counter((r["subject"], r["expression"]) for r in rows)
+  for sid, plan in plans.items():
+    for expression, n in zip(contract.EXPRESSIONS, plan.counts):
+      assert counts[(sid, expression)] == n, (sid, expression)
+  for row in rows:
+    plan = plans[row["subject"]]
+    assert row["split"] == ("train" if plan.pinned else "")
+    expression, subject = row["expression"], subjects[row["subject"]]
+    k = int(row["path"].rsplit("_", 1)[1].split(".")[0])
+    assert k < plan.counts[contract.expression_index(expression)]
+    if k == 0:  # one image per cell is enough to show the streams are shared
+      rng = synthetic.image_rng(0, subject.index, expression, k)
+      intensity = rng.uniform(*synthetic.INTENSITY_RANGE) if expression != "neutral" else 0.0
+      assert row["intensity"] == f"{intensity:.3f}"
+      img = cv2.imread(os.path.join(confounded_set, row["path"]), cv2.IMREAD_UNCHANGED)
+      assert np.array_equal(img, synthetic.render_face(subject, expression, intensity, rng))
+  assert sum(p.pinned for p in plans.values()) == 7
+
+
+def test_confounded_set_folds_test_clean_subjects_only(confounded_set):
+  """Catches the end-to-end wiring failing: a generated confounded set whose
+  manifest does not make dicefer_jax.splits pin the confounded cohort, so a
+  fold would test a confounded subject (on whom the shortcut works)."""
+  records = contract.read_manifest(str(confounded_set))
+  assert splits.split_kind(records) == "subject_pinned"
+  pinned = {r.subject for r in records if r.split == "train"}
+  clean = {r.subject for r in records} - pinned
+  tested = set()
+  for fold in range(3):
+    train, test, info = splits.split_records(records, num_folds=3, fold=fold, seed=0)
+    assert {r.subject for r in test} <= clean
+    assert pinned <= {r.subject for r in train}
+    assert info.note.startswith("7 subjects always in training (split=train); "
+                                "folds over the other 7")
+    tested |= {r.subject for r in test}
+  assert tested == clean
+
+
+def test_same_confounded_set_whatever_the_workers(confounded_set, tmp_path):
+  """Catches plans drawn inside the workers (from a stream that depends on
+  which process renders which subject)."""
+  _generate(tmp_path / "again", num_subjects=14, images_per_cell=2,
+            expressions_per_subject=2, attribute_strength=1.0, clean_fraction=0.5,
+            workers=2)
+  assert _all_bytes(tmp_path / "again") == _all_bytes(confounded_set)
+
+
+def test_ensure_synthetic_tells_the_options_apart(tmp_path, monkeypatch):
+  """Catches a cached set reused for other options: a confounded set standing
+  in for the balanced one (options absent from the wanted parameters were not
+  compared), or the reverse; and a confounded set regenerated on every run."""
+  out = tmp_path / "cache"
+  kwargs = dict(expressions_per_subject=2, attribute_strength=1.0, clean_fraction=0.5)
+  synthetic.ensure_synthetic(str(out), 7, 2, 0, **kwargs)
+  params = json.loads((out / synthetic.PARAMS_NAME).read_text())
+  assert (params["expressions_per_subject"], params["attribute_strength"],
+          params["clean_fraction"]) == (2, 1.0, 0.5)
+
+  def fail(*args, **kw):
+    raise AssertionError("regenerated a set it should have reused")
+  with monkeypatch.context() as m:
+    m.setattr(synthetic, "generate", fail)
+    synthetic.ensure_synthetic(str(out), 7, 2, 0, **kwargs)
+    for other in (dict(), dict(kwargs, attribute_strength=0.5),
+                  dict(kwargs, clean_fraction=0.6), dict(expressions_per_subject=2)):
+      with pytest.raises(AssertionError, match="regenerated"):
+        synthetic.ensure_synthetic(str(out), 7, 2, 0, **other)
+  synthetic.ensure_synthetic(str(out), 7, 1, 0)  # the balanced set replaces it
+  records = contract.read_manifest(str(out))
+  assert len(records) == 7 * 7 and not any(r.split for r in records)
+  # No stale image of the confounded plan (k above the balanced set's) is left.
+  on_disk = {p for p in _all_bytes(out) if p.endswith(".png")} - {"contact_sheet.png"}
+  assert on_disk == {r.path for r in records}
+  with monkeypatch.context() as m:
+    m.setattr(synthetic, "generate", fail)
+    synthetic.ensure_synthetic(str(out), 7, 1, 0, clean_fraction=0.2)  # no attribute
+
+
+def test_synthetic_dir_names_only_options_that_are_on():
+  """Catches the balanced set moving to another cache directory (it would be
+  regenerated beside the old copy), and confounded sets sharing a name."""
+  from experiments import face_sets  # pylint: disable=g-import-not-at-top
+  from experiments.configs import default  # pylint: disable=g-import-not-at-top
+  config = default.get_config()
+  config.synthetic.cache_dir = "/cache"
+  assert face_sets.synthetic_dir(config) == "/cache/synthetic_n60_k10_seed0"
+  config.synthetic.clean_fraction = 0.3  # no attribute: not part of the set
+  assert face_sets.synthetic_dir(config) == "/cache/synthetic_n60_k10_seed0"
+  config.synthetic.expressions_per_subject = 3
+  assert face_sets.synthetic_dir(config) == "/cache/synthetic_n60_k10_seed0_e3"
+  config.synthetic.attribute_strength = 1.0
+  assert face_sets.synthetic_dir(config) == "/cache/synthetic_n60_k10_seed0_e3_a1_c0.3"

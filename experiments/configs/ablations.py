@@ -4,7 +4,7 @@
       --workdir=runs/no_swap
 
 The text after ':' is a comma-separated list: at most one base config (default,
-demo or tiny; default when omitted) and any number of ablation names from
+demo, tiny or confounded; default when omitted) and any number of ablation names from
 ABLATIONS. `experiments.protocol --ablations=...` uses the same table.
 
 Note: mu and nu weight the global and local MI terms of BOTH stage 1 and stage 2
@@ -12,9 +12,9 @@ Note: mu and nu weight the global and local MI terms of BOTH stage 1 and stage 2
 """
 
 from dicefer_jax import config_fields
-from experiments.configs import default, demo, tiny
+from experiments.configs import confounded, default, demo, tiny
 
-BASES = {"default": default, "demo": demo, "tiny": tiny}
+BASES = {"default": default, "demo": demo, "tiny": tiny, "confounded": confounded}
 
 # Ablation name -> config overrides (dotted field -> value).
 ABLATIONS = {

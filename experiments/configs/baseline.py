@@ -10,12 +10,13 @@ baseline and a DICE-FER run of the same size differ only in the method.
   python -m experiments.run --config=experiments/configs/baseline.py:demo --workdir=...
 
 The text after ':' names the config to start from: default (the paper's size,
-also when omitted), demo or tiny.
+also when omitted), demo, tiny or confounded (the demo on the confounded
+synthetic set).
 """
 
-from experiments.configs import default, demo, tiny
+from experiments.configs import confounded, default, demo, tiny
 
-BASES = {"default": default, "demo": demo, "tiny": tiny}
+BASES = {"default": default, "demo": demo, "tiny": tiny, "confounded": confounded}
 
 
 def get_config(arg: str | None = None):

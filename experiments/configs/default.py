@@ -18,6 +18,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.data_dir = ""
   config.synthetic = ml_collections.ConfigDict(dict(
       num_subjects=60, images_per_cell=10, seed=0,
+      # The confounded benchmark (data_tools/synthetic.py; configs/confounded.py),
+      # off by default: expressions each subject shows (7 = all, images_per_cell
+      # each), how strongly an appearance attribute picks the expressions of a
+      # confounded cohort (0 = off), and the share of subjects in the clean cohort
+      # that the folds test (the rest always train).
+      expressions_per_subject=7, attribute_strength=0.0, clean_fraction=0.4,
       # Where the synthetic set is written once and reused; "" = ~/.cache/dicefer_jax.
       cache_dir=""))
   # "files": decode the PNGs of the manifest directly (fastest); "tfds": read the
