@@ -106,6 +106,14 @@ def differences(a, b) -> list[str]:
   return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k))
 
 
+# Fields added after workdirs were first saved, with the value that reproduces
+# what those workdirs trained: a reader without today's defaults (from_saved, as
+# dicefer_jax.Predictor uses) fills them in, so an older workdir still rebuilds
+# its own model. (Before model.global_stage, the global critics scored the last
+# stage's pooled map.)
+_SAVED_BEFORE_FIELD_EXISTED = {"model.global_stage": 4}
+
+
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
   """A saved config (JSON dict) as a ConfigDict, exactly as saved.
 
@@ -119,7 +127,16 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
     if isinstance(value, list):
       return tuple(untuple(v) for v in value)
     return value
-  return ml_collections.ConfigDict(untuple(saved))
+  config = ml_collections.ConfigDict(untuple(saved))
+  for field, value in _SAVED_BEFORE_FIELD_EXISTED.items():
+    *parents, leaf = field.split(".")
+    try:
+      node = get_field(config, ".".join(parents))
+    except KeyError:
+      continue  # not a config of this model (no such block at all)
+    if leaf not in node:
+      node[leaf] = value
+  return config
 
 
 def with_defaults(saved: dict, defaults: ml_collections.ConfigDict

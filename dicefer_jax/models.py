@@ -8,16 +8,31 @@ step's FLOPs, convolve in bfloat16. Everything else stays float32: parameters
 and optimizer state (Flax's param_dtype), BatchNorm statistics and normalisation
 (Flax reduces in float32), the pooled feature, the code head, and the critics,
 discriminator and classifier, whose scores feed the DV bound's logsumexp and the
-cross-entropies (a few per cent of the FLOPs: the local critic's 1x1 convs on the
-4x4 map cost ~4% of the trunk at 112 px). bfloat16 has float32's exponent range,
-so no loss scaling is needed.
+cross-entropies (a few per cent of the FLOPs: the local critic's 1x1 convs cost
+~4% of the trunk at 112 px on the stage-4 4x4 map, ~10% on the stage-3 7x7 map,
+with the DV or JSD objective, which score 2B pairs; InfoNCE scores all B x B,
+B/2 times as many). bfloat16 has float32's exponent range, so no loss scaling is needed.
+
+What the critics see (`model.local_stage`, `model.global_stage`): the map of one
+trunk stage, for the global critic pooled. At global stage 4 that is f, and the
+code is a linear function of it, z = W f + b: a critic fed (f, z) can tell joint
+from shuffled pairs by checking that relation whatever the code keeps (in stage
+2, where an image is scored with its own code). An earlier stage's map is not
+linear in z by construction, but E_id is trained end to end and can make it so
+through its later stages (the residual paths): measured after stage 2 on the
+demo, z_id was linear in the pooled stage-3 map to a 0.4% residual (28% for the
+same E_id at initialisation), so moving the critics' input earlier does not by
+itself remove the shortcut (benchmarks/identity_code_control.py).
 """
 
+import numbers
 from typing import Any, NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from dicefer_jax.errors import UserError
 
 # Stage widths of ResNet-18 at width=64 (torchvision's).
 _STAGE_MULTIPLIERS = (1, 2, 4, 8)
@@ -96,15 +111,18 @@ class ResNet18Trunk(nn.Module):
 
 
 class EncoderOutput(NamedTuple):
-  code: jax.Array         # z, (B, code_dim)
-  feature: jax.Array      # pooled feature f, (B, 8 * width)
-  feature_map: jax.Array  # C for the local critic, (B, h, w, channels)
+  code: jax.Array            # z, (B, code_dim)
+  feature: jax.Array         # pooled last-stage feature f, (B, 8 * width); z = Dense(f)
+  feature_map: jax.Array     # C for the local critic: stage `local_stage`'s map
+  critic_feature: jax.Array  # x for the global critic: stage `global_stage`'s map,
+                             # globally pooled, (B, channels of that stage)
 
 
 class ResNet18Encoder(nn.Module):
   """E_exp / E_id: ResNet-18 trunk, global average pool, and a linear code head.
 
-  `local_stage` (1-4) chooses which stage's map is returned for the local critic.
+  `local_stage` (1-4) chooses which stage's map is returned for the local critic,
+  `global_stage` (1-4) which stage's map is pooled for the global critic (4: f).
   `normalize_code` standardises z over the batch (BatchNorm without scale/bias):
   the stage-1 L1 pull |z_M - z_N| is otherwise minimised by shrinking every code
   towards one point, a collapse that also starves the critics of signal.
@@ -115,6 +133,7 @@ class ResNet18Encoder(nn.Module):
   local_stage: int = 4
   dtype: Any = jnp.float32
   normalize_code: bool = False
+  global_stage: int = 4
 
   @nn.compact
   def __call__(self, images, train: bool) -> EncoderOutput:
@@ -126,7 +145,9 @@ class ResNet18Encoder(nn.Module):
     if self.normalize_code:
       code = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                           use_scale=False, use_bias=False, name="code_norm")(code)
-    return EncoderOutput(code, feature, maps[self.local_stage - 1].astype(jnp.float32))
+    critic_map = maps[self.global_stage - 1].astype(jnp.float32)
+    return EncoderOutput(code, feature, maps[self.local_stage - 1].astype(jnp.float32),
+                         jnp.mean(critic_map, axis=(1, 2)))
 
 
 class GlobalCritic(nn.Module):
@@ -207,17 +228,31 @@ class DiceferModel(NamedTuple):
   baseline_head: Classifier
 
 
+def _check_stage(field: str, value) -> None:
+  """Refuses a critic input stage that is not one of the trunk's stages 1-4."""
+  # bool is an Integral too; 0 or -1 would silently index from the end (stage 4).
+  if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
+      or not 1 <= value <= len(_STAGE_MULTIPLIERS)):
+    raise UserError(f"--config.model.{field}={value!r}: use a ResNet stage 1-4, the "
+                    "trunk stage whose map the critics score (4 = the last)")
+
+
 def build_model(model_config, num_classes: int) -> DiceferModel:
   """Module definitions from the `model` block of a config.
 
   Every field is read directly: the defaults live in experiments/configs/default.py
   only, so a config that lacks one fails here instead of quietly using a second
   default.
+
+  Raises:
+    UserError: `local_stage` or `global_stage` is not a stage 1-4.
   """
   c = model_config
+  _check_stage("local_stage", c.local_stage)
+  _check_stage("global_stage", c.global_stage)
   dtype = jnp.bfloat16 if c.half_precision else jnp.float32
   encoder = lambda dim: ResNet18Encoder(dim, c.width, c.local_stage, dtype,
-                                       c.normalize_code)
+                                       c.normalize_code, c.global_stage)
   global_critic = GlobalCritic(c.critic_hidden)
   local_critic = LocalCritic(c.critic_hidden)
   return DiceferModel(
@@ -237,22 +272,24 @@ def init_variables(model: DiceferModel, key: jax.Array, image_size: int):
   for name in ("exp_encoder", "id_encoder"):
     v = getattr(model, name).init(keys[name], images, train=False)
     params[name], batch_stats[name] = v["params"], v["batch_stats"]
-  enc = jax.eval_shape(lambda: model.exp_encoder.apply(
-      {"params": params["exp_encoder"], "batch_stats": batch_stats["exp_encoder"]},
-      images, train=False))
-  feature = jnp.zeros(enc.feature.shape, jnp.float32)
-  fmap = jnp.zeros(enc.feature_map.shape, jnp.float32)
+  # Each critic is initialised on what its encoder hands it (the configured
+  # stages' maps), so its input width follows model.local_stage / global_stage.
+  shapes = {name: jax.eval_shape(lambda n=name: getattr(model, n).apply(
+      {"params": params[n], "batch_stats": batch_stats[n]}, images, train=False))
+            for name in ("exp_encoder", "id_encoder")}
+  zeros = lambda name, field: jnp.zeros(getattr(shapes[name], field).shape, jnp.float32)
   z_exp = jnp.zeros((2, model.exp_encoder.code_dim))
   z_id = jnp.zeros((2, model.id_encoder.code_dim))
   both = jnp.concatenate([z_exp, z_id], axis=-1)
   params["exp_global_critic"] = model.exp_global_critic.init(
-      keys["exp_global_critic"], feature, z_exp)["params"]
+      keys["exp_global_critic"], zeros("exp_encoder", "critic_feature"), z_exp)["params"]
   params["exp_local_critic"] = model.exp_local_critic.init(
-      keys["exp_local_critic"], fmap, z_exp)["params"]
+      keys["exp_local_critic"], zeros("exp_encoder", "feature_map"), z_exp)["params"]
   params["id_global_critic"] = model.id_global_critic.init(
-      keys["id_global_critic"], feature, both)["params"]
+      keys["id_global_critic"], zeros("id_encoder", "critic_feature"), both)["params"]
   params["id_local_critic"] = model.id_local_critic.init(
-      keys["id_local_critic"], fmap, both)["params"]
+      keys["id_local_critic"], zeros("id_encoder", "feature_map"), both)["params"]
+  feature = zeros("exp_encoder", "feature")
   params["discriminator"] = model.discriminator.init(
       keys["discriminator"], z_exp, z_id)["params"]
   params["classifier"] = model.classifier.init(keys["classifier"], z_exp)["params"]

@@ -7,6 +7,12 @@ never an argument of `jax.grad`, and tests can compare whole trees before and af
 
 A step is `step(state, batch) -> (state, metrics)`; randomness comes from
 `fold_in(state.rng, state.step)`, so a step is a pure function of its inputs.
+
+The MI terms of stages 1 and 2 maximise `config.loss.estimator`'s objective (DV,
+JSD or InfoNCE, `mi.py`) and always log the DV estimate on the same scores as
+mi_global / mi_local, the objective itself as objective_global / objective_local.
+The global critics score the pooled map of `model.global_stage`, the local ones
+the map of `model.local_stage` (`models.EncoderOutput`).
 """
 
 import numbers
@@ -109,13 +115,31 @@ def _finite(*xs):
   return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in xs]))
 
 
+def _check_critic_inputs(out, num_images: int) -> None:
+  """A critic input of the wrong rank would broadcast against the codes and train."""
+  chex.assert_rank(out.critic_feature, 2)
+  chex.assert_rank(out.feature_map, 4)
+  chex.assert_axis_dimension(out.critic_feature, 0, num_images)
+  chex.assert_axis_dimension(out.feature_map, 0, num_images)
+
+
+def _mi_metrics(mi_global: mi.MIEstimate, mi_local: mi.MIEstimate) -> dict:
+  return dict(mi_global=mi_global.dv, mi_local=mi_local.dv,
+              objective_global=mi_global.objective, objective_local=mi_local.objective)
+
+
 def make_stage1_step(model: DiceferModel, loss_config, optimizers) -> Callable:
   """Stage 1: learn E_exp by cross mutual information between a pair's images.
 
   loss = -[mu (I_g(M; z_N) + I_g(N; z_M)) + nu (I_l(M; z_N) + I_l(N; z_M))]
          + delta * mean|z_M - z_N|
+  with each I the `loss.estimator` objective (the DV bound by default).
+
+  Raises:
+    UserError: `loss.estimator` is not one of mi.ESTIMATORS.
   """
   c = loss_config
+  mi.check_estimator(c.estimator)
   tx = optimizers["main"]
 
   def step(state: StageState, batch):
@@ -129,20 +153,23 @@ def make_stage1_step(model: DiceferModel, loss_config, optimizers) -> Callable:
       params = {**state.params, **trainable}
       out, new_stats = _encode(model.exp_encoder, params, state.batch_stats,
                                "exp_encoder", images, train=True)
-      f_m, f_n = jnp.split(out.feature, 2)
+      _check_critic_inputs(out, 2 * b)
+      f_m, f_n = jnp.split(out.critic_feature, 2)
       c_m, c_n = jnp.split(out.feature_map, 2)
       z_m, z_n = jnp.split(out.code, 2)
       global_score = lambda x, z: model.exp_global_critic.apply(
           {"params": params["exp_global_critic"]}, x, z)
       local_score = lambda x, z: model.exp_local_critic.apply(
           {"params": params["exp_local_critic"]}, x, z)
-      mi_global = mi.cross_mutual_information(global_score, f_m, f_n, z_m, z_n, perm, c.swap)
-      mi_local = mi.cross_mutual_information(local_score, c_m, c_n, z_m, z_n, perm, c.swap)
+      mi_global = mi.cross_mutual_information(global_score, f_m, f_n, z_m, z_n, perm,
+                                              c.swap, c.estimator)
+      mi_local = mi.cross_mutual_information(local_score, c_m, c_n, z_m, z_n, perm,
+                                             c.swap, c.estimator)
       # Mean over dimensions, not the sum: the pull between partners should not
       # grow with code_dim and swamp the MI terms (bounded by 2 log B).
       l1 = jnp.mean(jnp.abs(z_m - z_n))
-      loss = -(c.mu * mi_global + c.nu * mi_local) + c.delta * l1
-      return loss, (new_stats, dict(mi_global=mi_global, mi_local=mi_local, l1=l1))
+      loss = -(c.mu * mi_global.objective + c.nu * mi_local.objective) + c.delta * l1
+      return loss, (new_stats, dict(_mi_metrics(mi_global, mi_local), l1=l1))
 
     (loss, (new_stats, metrics)), grads = jax.value_and_grad(
         loss_fn, has_aux=True)(trainable)
@@ -150,10 +177,15 @@ def make_stage1_step(model: DiceferModel, loss_config, optimizers) -> Callable:
     new_state = _next_state(state, trainable, {"main": opt_state},
                             {"exp_encoder": new_stats})
     metrics = dict(metrics, loss=loss, grad_norm=optax.tree.norm(grads),
-                   finite=_finite(loss, metrics["mi_global"], metrics["mi_local"]))
+                   finite=_finite(loss, *_mi_metrics_values(metrics)))
     return new_state, metrics
 
   return step
+
+
+def _mi_metrics_values(metrics: dict) -> list:
+  return [metrics[k] for k in ("mi_global", "mi_local", "objective_global",
+                               "objective_local")]
 
 
 def _check_disc_steps(disc_steps) -> None:
@@ -172,6 +204,8 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
 
   For every image X of the pair, with t = [z_exp(X), z_id(X)]:
     E_id + critics minimise -(mu I_g(X; t) + nu I_l(X; t)) + zeta * fool(D)
+  (each I the `loss.estimator` objective; X is E_id's map of the configured
+  stages, so with stages before the last, t is no linear function of it)
     D minimises BCE(D(z_exp, z_id) -> joint) + BCE(D(z_exp, z_id') -> shuffled)
   where fool(D) is D's loss with the labels flipped (the non-saturating form: the
   encoder's gradient does not vanish when D is confident). D and E_id are updated
@@ -181,15 +215,17 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
 
   Args:
     model: the module definitions.
-    loss_config: the `loss` block of a config (mu, nu, zeta).
+    loss_config: the `loss` block of a config (mu, nu, zeta, estimator).
     optimizers: {"main": E_id and its critics, "disc": D}, from `make_optimizers`.
     disc_steps: discriminator updates per encoder update, an integer >= 1.
 
   Raises:
-    UserError: `disc_steps` is not an integer >= 1.
+    UserError: `disc_steps` is not an integer >= 1, or `loss.estimator` is not one
+      of mi.ESTIMATORS.
   """
   _check_disc_steps(disc_steps)
   c = loss_config
+  mi.check_estimator(c.estimator)
   tx_main, tx_disc = optimizers["main"], optimizers["disc"]
 
   def disc_logits(params, z_exp, z_id, perm):
@@ -212,19 +248,22 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
       params = {**state.params, **trainable}
       out, new_stats = _encode(model.id_encoder, params, state.batch_stats,
                                "id_encoder", images, train=True)
+      _check_critic_inputs(out, 2 * b)
       t = jnp.concatenate([z_exp, out.code], axis=-1)
       global_score = lambda x, z: model.id_global_critic.apply(
           {"params": params["id_global_critic"]}, x, z)
       local_score = lambda x, z: model.id_local_critic.apply(
           {"params": params["id_local_critic"]}, x, z)
-      mi_global = sum(mi.dv_mutual_information(global_score, f, z, perm_pair) for f, z in
-                      zip(jnp.split(out.feature, 2), jnp.split(t, 2)))
-      mi_local = sum(mi.dv_mutual_information(local_score, f, z, perm_pair) for f, z in
-                     zip(jnp.split(out.feature_map, 2), jnp.split(t, 2)))
+      # M's and N's images are two batches of B (perm_pair is a derangement of B).
+      term = lambda score, xs: mi.add_estimates(*(
+          mi.mutual_information(score, x, z, perm_pair, c.estimator)
+          for x, z in zip(jnp.split(xs, 2), jnp.split(t, 2))))
+      mi_global = term(global_score, out.critic_feature)
+      mi_local = term(local_score, out.feature_map)
       joint, shuffled = disc_logits(params, z_exp, out.code, perm_all)
       fool = _bce_with_logits(joint, 0.0) + _bce_with_logits(shuffled, 1.0)
-      loss = -(c.mu * mi_global + c.nu * mi_local) + c.zeta * fool
-      return loss, (new_stats, out.code, dict(mi_global=mi_global, mi_local=mi_local,
+      loss = -(c.mu * mi_global.objective + c.nu * mi_local.objective) + c.zeta * fool
+      return loss, (new_stats, out.code, dict(_mi_metrics(mi_global, mi_local),
                                               adv_fool=fool))
 
     (loss, (new_stats, z_id, metrics)), grads = jax.value_and_grad(
@@ -253,7 +292,7 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
                    disc_accuracy_joint=acc_joint, disc_accuracy_shuffled=acc_shuffled,
                    grad_norm=optax.tree.norm(grads),
                    disc_grad_norm=optax.tree.norm(disc_grads),
-                   finite=_finite(loss, disc_loss))
+                   finite=_finite(loss, disc_loss, *_mi_metrics_values(metrics)))
     return new_state, metrics
 
   return step

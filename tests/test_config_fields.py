@@ -316,3 +316,17 @@ def test_save_config_into_an_old_workdir_still_refuses_a_real_change(tmp_path):
   changed.stage1.init_from = "baseline"
   with pytest.raises(UserError, match="stage1.init_from"):
     workdir_lib.save_config(changed, workdir, default.get_config())
+
+
+def test_a_workdir_saved_before_global_stage_existed_rebuilds_its_model():
+  """Catches a reader without defaults (dicefer_jax.Predictor) failing on a
+  workdir saved before model.global_stage existed: its global critics scored
+  the last stage, global_stage=4. A value that was saved is kept."""
+  from dicefer_jax import models  # pylint: disable=g-import-not-at-top
+  saved = json.loads(default.get_config().to_json_best_effort())
+  del saved["model"]["global_stage"]
+  config = config_fields.from_saved(saved)
+  assert config.model.global_stage == 4
+  models.build_model(config.model, 7)
+  saved["model"]["global_stage"] = 2
+  assert config_fields.from_saved(saved).model.global_stage == 2

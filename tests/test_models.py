@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from dicefer_jax import models
+from dicefer_jax.errors import UserError
 from experiments.configs import tiny
 
 # torchvision resnet18: 11,689,512 parameters; minus fc (512*1000 + 1000) and the
@@ -26,6 +27,7 @@ def test_full_size_encoder_shapes_and_parameter_count():
   assert out.code.shape == (2, 64)
   assert out.feature.shape == (2, 512)
   assert out.feature_map.shape == (2, 4, 4, 512)
+  assert out.critic_feature.shape == (2, 512)  # module defaults: stage 4 for both
   trunk = models.ResNet18Trunk()
   maps = jax.eval_shape(lambda v: trunk.apply(v, images, train=False),
                         {"params": variables["params"]["trunk"],
@@ -130,8 +132,139 @@ def test_build_model_honours_normalize_code_and_half_precision():
 
 def test_build_model_has_no_defaults_of_its_own():
   """Catches a `.get(field, default)` fallback that would shadow default.py."""
-  for field in ("normalize_code", "half_precision"):
+  for field in ("normalize_code", "half_precision", "local_stage", "global_stage"):
     config = tiny.get_config().model
     delattr(config, field)
     with pytest.raises((AttributeError, KeyError)):
       models.build_model(config, 7)
+
+
+# ---------------------------------------------------------------------------
+# What the critics see: model.global_stage and model.local_stage.
+# ---------------------------------------------------------------------------
+
+
+def _tiny_model(global_stage, local_stage, **fields):
+  config = tiny.get_config().model
+  config.global_stage, config.local_stage = global_stage, local_stage
+  for name, value in fields.items():
+    setattr(config, name, value)
+  return config, models.build_model(config, 7)
+
+
+@pytest.mark.parametrize("global_stage,local_stage", [(1, 4), (2, 3), (3, 2), (4, 1)])
+def test_critics_are_built_for_the_configured_stages_maps(global_stage, local_stage):
+  """Catches init_variables sizing a critic for the pooled last-stage feature
+  whatever the stage (restoring or the first step would then fail), or reading
+  one critic's stage for the other: a critic's first layer takes the chosen
+  stage's channels (width * 1, 2, 4, 8) plus its code's width."""
+  config, model = _tiny_model(global_stage, local_stage)
+  params, _ = models.init_variables(model, jax.random.PRNGKey(0), 32)
+  channels = lambda stage: config.width * (1, 2, 4, 8)[stage - 1]
+  t_width = config.exp_dim + config.id_dim
+  first = lambda name: params[name]["hidden1"]["kernel"].shape
+  assert first("exp_global_critic") == (channels(global_stage) + config.exp_dim,
+                                        config.critic_hidden)
+  assert first("id_global_critic") == (channels(global_stage) + t_width,
+                                       config.critic_hidden)
+  assert first("exp_local_critic") == (1, 1, channels(local_stage) + config.exp_dim,
+                                       config.critic_hidden)
+  assert first("id_local_critic") == (1, 1, channels(local_stage) + t_width,
+                                      config.critic_hidden)
+  # The baseline's head still reads the pooled last-stage feature.
+  assert params["baseline_head"]["logits"]["kernel"].shape[0] == channels(4)
+
+
+def _trunk_maps(encoder, variables, images):
+  return models.ResNet18Trunk(encoder.width, encoder.dtype).apply(
+      {"params": variables["params"]["trunk"],
+       "batch_stats": variables["batch_stats"]["trunk"]}, images, train=False)
+
+
+@pytest.mark.parametrize("global_stage,local_stage", [(2, 3), (3, 1), (4, 4)])
+def test_encoder_hands_each_critic_its_stages_map(global_stage, local_stage):
+  """Catches a critic input taken from the wrong stage (or the two stages
+  swapped, or f whatever the stage): critic_feature is the global mean of the
+  trunk's map of global_stage, feature_map is local_stage's map, and the code
+  and f stay functions of the last stage."""
+  _, model = _tiny_model(global_stage, local_stage)
+  encoder = model.exp_encoder
+  images = jax.random.normal(jax.random.PRNGKey(1), (3, 32, 32, 1))
+  variables = encoder.init(jax.random.PRNGKey(0), images, train=False)
+  out = encoder.apply(variables, images, train=False)
+  maps = _trunk_maps(encoder, variables, images)
+  np.testing.assert_allclose(out.critic_feature, maps[global_stage - 1].mean(axis=(1, 2)),
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(out.feature_map, maps[local_stage - 1])
+  np.testing.assert_allclose(out.feature, maps[3].mean(axis=(1, 2)), rtol=1e-5, atol=1e-6)
+  if global_stage == 4:
+    np.testing.assert_array_equal(out.critic_feature, out.feature)
+
+
+def test_changing_the_stage_changes_what_the_critics_see_not_the_encoder():
+  """Catches a stage field that changes the trunk or the code rather than only
+  the critics' inputs: the same parameters give the same code and f."""
+  images = jax.random.normal(jax.random.PRNGKey(2), (3, 32, 32, 1))
+  _, early = _tiny_model(2, 2)
+  _, late = _tiny_model(4, 4)
+  variables = early.id_encoder.init(jax.random.PRNGKey(0), images, train=False)
+  a = early.id_encoder.apply(variables, images, train=False)
+  b = late.id_encoder.apply(variables, images, train=False)
+  np.testing.assert_array_equal(a.code, b.code)
+  np.testing.assert_array_equal(a.feature, b.feature)
+  assert a.critic_feature.shape != b.critic_feature.shape
+  assert a.feature_map.shape != b.feature_map.shape
+
+
+def _relative_residual_of_linear_fit(x, z):
+  """||z - (A x + c)|| / ||z - mean z|| for the least-squares A, c."""
+  x, z = np.asarray(x, np.float64), np.asarray(z, np.float64)
+  design = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+  coef, *_ = np.linalg.lstsq(design, z, rcond=None)
+  return np.linalg.norm(z - design @ coef) / np.linalg.norm(z - z.mean(axis=0))
+
+
+def test_the_identity_code_is_linear_in_the_global_critics_input_only_at_stage_4():
+  """Stage 2's degenerate shortcut, gone by construction: z_id = Dense(f), so
+  with the global critic on f (global_stage 4) z_id is exactly a linear
+  function of what the critic sees, and a critic can tell joint from shuffled
+  pairs by that relation whatever z_id keeps. On an earlier stage's pooled map
+  a least-squares fit leaves most of z_id unexplained (measured at init, 96
+  random images: 1e-7 of it at stage 4; 0.65, 0.86, 0.95 at stages 3, 2, 1).
+  96 images > every fit's unknowns, so a perfect fit is not by chance."""
+  images = jax.random.normal(jax.random.PRNGKey(1), (96, 32, 32, 1))
+  residuals = {}
+  for stage in (4, 3, 2):
+    _, model = _tiny_model(stage, 3)
+    params, batch_stats = models.init_variables(model, jax.random.PRNGKey(0), 32)
+    out, _ = model.id_encoder.apply(
+        {"params": params["id_encoder"], "batch_stats": batch_stats["id_encoder"]},
+        images, train=True, mutable=["batch_stats"])
+    assert out.critic_feature.shape[1] + 1 < len(images)
+    residuals[stage] = _relative_residual_of_linear_fit(out.critic_feature, out.code)
+  assert residuals[4] < 1e-4, residuals
+  assert residuals[3] > 0.3 and residuals[2] > 0.3, residuals
+
+
+@pytest.mark.parametrize("field", ["local_stage", "global_stage"])
+@pytest.mark.parametrize("value", [0, 5, -1, True])
+def test_critic_stage_out_of_range_is_a_one_line_user_error(field, value):
+  """Catches 0 or -1 silently meaning the last stage (maps[-1]), 5 failing
+  inside tracing, or True taken for stage 1, instead of a one-line UserError.
+  (ConfigDict itself refuses a float or str for the int field.)"""
+  config = tiny.get_config().model
+  setattr(config, field, value)
+  with pytest.raises(UserError, match=rf"^--config\.model\.{field}=.*stage 1-4") as e:
+    models.build_model(config, 7)
+  assert "\n" not in str(e.value)
+
+
+def test_critic_inputs_stay_float32_under_half_precision():
+  """Catches a bfloat16 critic input (the trunk's dtype) reaching the critics:
+  their scores feed the DV bound's logsumexp, kept in float32."""
+  _, model = _tiny_model(2, 3, half_precision=True)
+  images = jnp.zeros((2, 32, 32, 1))
+  variables = model.exp_encoder.init(jax.random.PRNGKey(0), images, train=False)
+  out = model.exp_encoder.apply(variables, images, train=False)
+  assert out.critic_feature.dtype == jnp.float32 and out.feature_map.dtype == jnp.float32
+

@@ -21,6 +21,12 @@ EASY_PAIR_STEPS = 150
 @pytest.fixture(scope="module")
 def setup():
   config = tiny.get_config()
+  # Critics on a map before the last stage, whatever default.py says: a step
+  # that hands a critic the pooled last-stage feature f (or the last map) fails
+  # the by-hand checks below on their shapes. (Stage 3 for both: on the tiny
+  # trunk, a local critic on the 4x4x8 stage-2 map did not raise the easy pairs'
+  # MI within EASY_PAIR_STEPS.)
+  config.model.global_stage, config.model.local_stage = 3, 3
   model = models.build_model(config.model, contract.NUM_CLASSES)
   params, batch_stats = models.init_variables(model, jax.random.PRNGKey(0), S)
   return config, model, params, batch_stats
@@ -125,39 +131,73 @@ def _logmeanexp(x):
   return top + np.log(np.mean(np.exp(x - top)))
 
 
+def _softplus(t):
+  return np.logaddexp(0.0, np.asarray(t, np.float64))
+
+
+def _mi_term_by_hand(critic, critic_params, x, z, perm, estimator):
+  """(DV estimate, `estimator` objective) of one term, in float64 outside `mi`.
+
+  InfoNCE's matrix is built column by column: code j tiled against every image.
+  """
+  apply = lambda xx, zz: np.asarray(critic.apply({"params": critic_params}, xx, zz),
+                                    np.float64)
+  joint, marginal = apply(x, z), apply(x, z[perm])
+  dv = float(np.mean(joint) - _logmeanexp(marginal))
+  if estimator == "dv":
+    return dv, dv
+  if estimator == "jsd":
+    return dv, float(-np.mean(_softplus(-joint)) - np.mean(_softplus(marginal)))
+  b = x.shape[0]
+  s = np.stack([apply(x, np.repeat(z[j:j + 1], b, axis=0)) for j in range(b)], axis=1)
+  log_softmax = np.diag(s) - np.array([_logmeanexp(row) + np.log(b) for row in s])
+  return dv, float(np.mean(log_softmax) + np.log(b))
+
+
 def _stage1_loss_by_hand(model, state, batch, loss_config, swap):
   """The stage-1 loss of DESIGN.md, computed term by term outside `steps`.
 
   The encoder sees M and N in one batch in training mode, as in the step (its
-  BatchNorm statistics are those of the whole pair batch).
+  BatchNorm statistics are those of the whole pair batch). The global critic
+  scores the pooled map of model.global_stage, the local one model.local_stage's
+  map, both read off the trunk here, not from the encoder's output.
   """
   params = state.params
   b = batch["image_m"].shape[0]
   perm = np.asarray(mi.marginal_permutation(jax.random.fold_in(state.rng, state.step), b))
   images = jnp.concatenate([batch["image_m"], batch["image_n"]])
-  out, _ = model.exp_encoder.apply(
-      {"params": params["exp_encoder"], "batch_stats": state.batch_stats["exp_encoder"]},
-      images, train=True, mutable=["batch_stats"])
-  f_m, f_n = np.split(np.asarray(out.feature), 2)
-  c_m, c_n = np.split(np.asarray(out.feature_map), 2)
-  z_m, z_n = np.split(np.asarray(out.code), 2)
+  x_global, x_local, code = _critic_inputs_by_hand(model.exp_encoder, params,
+                                                   state.batch_stats, "exp_encoder", images)
+  f_m, f_n = np.split(x_global, 2)
+  c_m, c_n = np.split(x_local, 2)
+  z_m, z_n = np.split(code, 2)
   code_for_m, code_for_n = (z_n, z_m) if swap else (z_m, z_n)
-
-  def dv(critic, critic_params, x, z):
-    joint = critic.apply({"params": critic_params}, x, z)
-    marginal = critic.apply({"params": critic_params}, x, z[perm])
-    return float(np.mean(np.asarray(joint, np.float64)) - _logmeanexp(marginal))
+  c = loss_config
 
   def cross(critic, name, x_m, x_n):
-    return (dv(critic, params[name], x_m, code_for_m) +
-            dv(critic, params[name], x_n, code_for_n))
+    a = _mi_term_by_hand(critic, params[name], x_m, code_for_m, perm, c.estimator)
+    b = _mi_term_by_hand(critic, params[name], x_n, code_for_n, perm, c.estimator)
+    return a[0] + b[0], a[1] + b[1]
 
-  mi_global = cross(model.exp_global_critic, "exp_global_critic", f_m, f_n)
-  mi_local = cross(model.exp_local_critic, "exp_local_critic", c_m, c_n)
+  mi_global, objective_global = cross(model.exp_global_critic, "exp_global_critic", f_m, f_n)
+  mi_local, objective_local = cross(model.exp_local_critic, "exp_local_critic", c_m, c_n)
   l1 = float(np.mean(np.abs(z_m.astype(np.float64) - z_n)))
-  c = loss_config
-  loss = -(c.mu * mi_global + c.nu * mi_local) + c.delta * l1
-  return dict(loss=loss, mi_global=mi_global, mi_local=mi_local, l1=l1)
+  loss = -(c.mu * objective_global + c.nu * objective_local) + c.delta * l1
+  return dict(loss=loss, mi_global=mi_global, mi_local=mi_local, l1=l1,
+              objective_global=objective_global, objective_local=objective_local)
+
+
+def _critic_inputs_by_hand(encoder, params, batch_stats, name, images):
+  """(pooled map of global_stage, map of local_stage, code) in training mode, the
+  maps taken from the trunk's own output list rather than the encoder's fields."""
+  variables = {"params": params[name], "batch_stats": batch_stats[name]}
+  out, _ = encoder.apply(variables, images, train=True, mutable=["batch_stats"])
+  maps, _ = models.ResNet18Trunk(encoder.width, encoder.dtype).apply(
+      {"params": params[name]["trunk"], "batch_stats": batch_stats[name]["trunk"]},
+      images, train=True, mutable=["batch_stats"])
+  x_global = np.asarray(maps[encoder.global_stage - 1], np.float64).mean(axis=(1, 2))
+  x_local = np.asarray(maps[encoder.local_stage - 1])
+  return x_global.astype(np.float32), x_local, np.asarray(out.code)
 
 
 def _assert_metrics_match(metrics, expected):
@@ -252,6 +292,38 @@ def test_stage1_trains_exp_encoder_and_never_touches_identity_parts(setup, stage
 def test_stage1_compiles_once(stage1_run):
   """Catches a state whose structure or dtypes change between steps (a retrace)."""
   assert stage1_run["step"]._cache_size() == 1  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("estimator", ["jsd", "infonce"])
+def test_stage1_trains_on_the_estimator_and_logs_its_dv_estimate(setup, stage1_run,
+                                                                 estimator):
+  """Catches a step that ignores `loss.estimator` (trains DV whatever it says),
+  that logs the objective as mi_* (curves of runs with different estimators would
+  not compare), or whose objective does not reach E_exp.
+
+  At the trained state each objective is far from the DV estimate, so a loss
+  built on the wrong one misses the by-hand value; with delta = 0 the MI
+  objective is E_exp's only gradient, and Adam moves it iff that is nonzero.
+  """
+  config, model, _, _ = setup
+  config = _config(config, estimator=estimator, delta=0.0)
+  state = stage1_run["end"]
+  batch = stage1_run["data"].batch(10_002)
+  expected = _stage1_loss_by_hand(model, state, batch, config.loss, swap=True)
+  for kind in ("global", "local"):
+    assert abs(expected[f"objective_{kind}"] - expected[f"mi_{kind}"]) > 1e-2, expected
+  new_state, metrics = _jit_step("stage1", config, model)(state, batch)
+  _assert_metrics_match(metrics, expected)
+  assert bool(metrics["finite"])
+  assert not _same(new_state.params["exp_encoder"], state.params["exp_encoder"])
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_unknown_estimator_is_refused_before_tracing(setup, stage):
+  config, model, _, _ = setup
+  config = _config(config, estimator="mine")
+  with pytest.raises(UserError, match=r"^--config\.loss\.estimator='mine'"):
+    steps.make_step(stage, model, config, steps.make_optimizers(config.train, stage))
 
 
 def test_step_rejects_mismatched_pair_shapes(setup):
@@ -367,6 +439,62 @@ def test_discriminator_and_identity_encoder_pull_the_adversarial_term_apart(setu
   after_d = disc_loss(new_state.params["discriminator"], params["id_encoder"])
   after_id = disc_loss(params["discriminator"], new_state.params["id_encoder"])
   assert after_d < before < after_id, (before, after_d, after_id)
+
+
+def _stage2_mi_by_hand(model, state, batch, loss_config):
+  """Stage 2's MI terms outside `steps`: for M's and N's images apart, the
+  identity critics score E_id's maps of the configured stages (training mode)
+  against t = [z_exp, z_id], z_exp from the frozen E_exp in eval mode."""
+  params = state.params
+  b = batch["image_m"].shape[0]
+  perm = np.asarray(mi.marginal_permutation(jax.random.fold_in(state.rng, state.step), b))
+  images = jnp.concatenate([batch["image_m"], batch["image_n"]])
+  z_exp = np.asarray(model.exp_encoder.apply(
+      {"params": params["exp_encoder"], "batch_stats": state.batch_stats["exp_encoder"]},
+      images, train=False).code)
+  x_global, x_local, z_id = _critic_inputs_by_hand(model.id_encoder, params,
+                                                   state.batch_stats, "id_encoder", images)
+  t = np.concatenate([z_exp, z_id], axis=-1)
+  out = {}
+  for kind, critic, x in (("global", model.id_global_critic, x_global),
+                          ("local", model.id_local_critic, x_local)):
+    terms = [_mi_term_by_hand(critic, params[f"id_{kind}_critic"], xh, th, perm,
+                              loss_config.estimator)
+             for xh, th in zip(np.split(x, 2), np.split(t, 2))]
+    out[f"mi_{kind}"] = sum(term[0] for term in terms)
+    out[f"objective_{kind}"] = sum(term[1] for term in terms)
+  c = loss_config
+  out["loss"] = -(c.mu * out["objective_global"] + c.nu * out["objective_local"])
+  return out
+
+
+@pytest.mark.parametrize("estimator", mi.ESTIMATORS)
+def test_stage2_mi_terms_are_the_estimator_on_the_configured_maps(setup, estimator):
+  """Catches stage 2 scoring E_id's pooled last-stage feature (the code's own
+  input: the degenerate shortcut) instead of the configured stages' maps, pairing
+  M's images with N's codes, ignoring `loss.estimator`, logging anything but the
+  DV estimate as mi_*, or an objective that does not reach E_id.
+
+  zeta = 0: the MI terms are E_id's only gradient. The id critics' score layers
+  are scaled up so that at initialisation the objectives differ from DV by far
+  more than the tolerance.
+  """
+  config, model, params, batch_stats = setup
+  config = _config(config, estimator=estimator, zeta=0.0)
+  params = dict(params)
+  for name in ("id_global_critic", "id_local_critic"):
+    params[name] = dict(params[name], score=jax.tree.map(lambda w: 30.0 * w,
+                                                         params[name]["score"]))
+  state = _state("stage2", config, params, batch_stats)
+  batch = EasyPairs().batch(7)
+  expected = _stage2_mi_by_hand(model, state, batch, config.loss)
+  if estimator != "dv":
+    for kind in ("global", "local"):
+      assert abs(expected[f"objective_{kind}"] - expected[f"mi_{kind}"]) > 1e-2, expected
+  new_state, metrics = _jit_step("stage2", config, model)(state, batch)
+  _assert_metrics_match(metrics, expected)
+  assert bool(metrics["finite"])
+  assert not _same(new_state.params["id_encoder"], state.params["id_encoder"])
 
 
 # ---------------------------------------------------------------------------
