@@ -64,6 +64,18 @@ TINY_SUBJECTS = 6
 TINY_IMAGES_PER_SUBJECT = 3
 
 
+def file_bytes(folder) -> dict[str, bytes]:
+  """Every file under `folder` (hidden ones too) by relative path: its bytes. For
+  checks that a set was written byte for byte, or that inputs were not touched."""
+  files = {}
+  for root, _, names in os.walk(folder):
+    for name in names:
+      path = os.path.join(root, name)
+      with open(path, "rb") as f:
+        files[os.path.relpath(path, folder)] = f.read()
+  return files
+
+
 def write_tiny_faceset(data_dir: str) -> str:
   """A face set on disk: 7 classes x 6 subjects x 3 random 112x112 PNGs.
 

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import file_bytes
 from dicefer_jax import contract
 from dicefer_jax import face_detector
 
@@ -50,17 +51,6 @@ def _run_beam(raw, out, *extra):
   # downloads from GitHub: a network fetch in a test.
   return _run("data_tools.beam_preprocess", raw, out, "--runner=FnApiRunner",
               "--direct_num_workers=1", *extra)
-
-
-def _snapshot(folder):
-  """Every file under folder (hidden ones too) by relative path: its bytes."""
-  files = {}
-  for root, _, names in os.walk(folder):
-    for name in names:
-      path = os.path.join(root, name)
-      with open(path, "rb") as f:
-        files[os.path.relpath(path, folder)] = f.read()
-  return files
 
 
 def _write_raw_tree(raw):
@@ -103,7 +93,7 @@ def test_beam_writes_the_face_set_preprocess_writes(tmp_path):
   _require_mtcnn()
   raw = tmp_path / "RAW"
   _write_raw_tree(raw)
-  inputs = _snapshot(raw)
+  inputs = file_bytes(raw)
 
   pre = _run("data_tools.preprocess", raw, tmp_path / "pre", "--workers=1")
   assert pre.returncode == 0, pre.stderr
@@ -114,7 +104,7 @@ def test_beam_writes_the_face_set_preprocess_writes(tmp_path):
   assert "skipping 1 photo(s) of dropped class Contempt" in beam.stderr
   assert "ignoring 1 file(s) that are not images" in beam.stderr
 
-  pre_files, beam_files = _snapshot(tmp_path / "pre"), _snapshot(tmp_path / "beam")
+  pre_files, beam_files = file_bytes(tmp_path / "pre"), file_bytes(tmp_path / "beam")
   faces = sorted(p for p in beam_files if p.endswith(".png"))
   assert len(faces) == 4
   # Everything: PNG bytes, manifest.csv, rejects.csv, preprocess_settings.json,
@@ -137,8 +127,8 @@ def test_beam_writes_the_face_set_preprocess_writes(tmp_path):
   again = _run("data_tools.preprocess", raw, tmp_path / "beam", "--workers=1")
   assert again.returncode == 0, again.stderr
   assert "kept 0, rejected 0, errors 0, skipped 6 already done" in again.stdout
-  assert _snapshot(tmp_path / "beam") == beam_files
-  assert _snapshot(raw) == inputs  # Inputs never touched.
+  assert file_bytes(tmp_path / "beam") == beam_files
+  assert file_bytes(raw) == inputs  # Inputs never touched.
 
 
 def test_command_line_refusals_and_no_torch_on_import(tmp_path):

@@ -22,6 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
+from conftest import file_bytes
 from data_tools import synthetic
 from data_tools import synthetic_subjects
 from dicefer_jax import contract
@@ -519,17 +520,6 @@ _BALANCED_PNG_STATS = {  # path: (mean, std, sha256 on the recording CPU)
 }
 
 
-def _all_bytes(path):
-  """Every file of a set (manifest, params, contact sheet, images) by name."""
-  out = {}
-  for root, _, files in os.walk(path):
-    for name in files:
-      full = os.path.join(root, name)
-      with open(full, "rb") as f:
-        out[os.path.relpath(full, path)] = f.read()
-  return out
-
-
 def _sha256(path):
   with open(path, "rb") as f:
     return hashlib.sha256(f.read()).hexdigest()
@@ -544,7 +534,7 @@ def test_options_off_give_the_balanced_set_of_before(small_set, tmp_path):
   recorded before the options existed (see _BALANCED_MANIFEST_SHA256)."""
   _generate(tmp_path / "off", expressions_per_subject=7, attribute_strength=0.0,
             clean_fraction=0.9)
-  assert _all_bytes(tmp_path / "off") == _all_bytes(small_set)
+  assert file_bytes(tmp_path / "off") == file_bytes(small_set)
   assert _sha256(small_set / contract.MANIFEST_NAME) == _BALANCED_MANIFEST_SHA256
   assert _sha256(small_set / synthetic.PARAMS_NAME) == _BALANCED_PARAMS_SHA256
   for rel, (mean, std, _) in _BALANCED_PNG_STATS.items():
@@ -749,7 +739,7 @@ def test_same_confounded_set_whatever_the_workers(confounded_set, tmp_path):
   _generate(tmp_path / "again", num_subjects=14, images_per_cell=2,
             expressions_per_subject=2, attribute_strength=1.0, clean_fraction=0.5,
             workers=2)
-  assert _all_bytes(tmp_path / "again") == _all_bytes(confounded_set)
+  assert file_bytes(tmp_path / "again") == file_bytes(confounded_set)
 
 
 def test_ensure_synthetic_tells_the_options_apart(tmp_path, monkeypatch):
@@ -776,7 +766,7 @@ def test_ensure_synthetic_tells_the_options_apart(tmp_path, monkeypatch):
   records = contract.read_manifest(str(out))
   assert len(records) == 7 * 7 and not any(r.split for r in records)
   # No stale image of the confounded plan (k above the balanced set's) is left.
-  on_disk = {p for p in _all_bytes(out) if p.endswith(".png")} - {"contact_sheet.png"}
+  on_disk = {p for p in file_bytes(out) if p.endswith(".png")} - {"contact_sheet.png"}
   assert on_disk == {r.path for r in records}
   with monkeypatch.context() as m:
     m.setattr(synthetic, "generate", fail)
