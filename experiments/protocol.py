@@ -390,10 +390,11 @@ def paired_differences(rows: list[dict], variants: Sequence[Variant],
     for key, _, _ in METRICS:
       if not _moves(v, key):
         continue
-      diffs = [(fold, ref_rows[fold].get(key) - r["metrics"].get(key))
-               for r in _done(rows, v.name) for fold in [r["fold"]]
-               if fold in ref_rows and ref_rows[fold].get(key) is not None
-               and r["metrics"].get(key) is not None]
+      diffs = []
+      for r in _done(rows, v.name):
+        ours, theirs = (ref_rows.get(r["fold"]) or {}).get(key), r["metrics"].get(key)
+        if ours is not None and theirs is not None:
+          diffs.append((r["fold"], ours - theirs))
       if not diffs:
         continue
       d = np.array([x for _, x in diffs], np.float64)
