@@ -110,8 +110,8 @@ def differences(a, b) -> list[str]:
 # what those workdirs trained: a reader without today's defaults (from_saved, as
 # dicefer_jax.Predictor uses) fills them in, so an older workdir still rebuilds
 # its own model. (Before model.global_stage, the global critics scored the last
-# stage's pooled map.)
-_SAVED_BEFORE_FIELD_EXISTED = {"model.global_stage": 4}
+# stage's pooled map; before seen_holdout, every training image trained.)
+_SAVED_BEFORE_FIELD_EXISTED = {"model.global_stage": 4, "seen_holdout": 0.0}
 
 
 def from_saved(saved: dict) -> ml_collections.ConfigDict:
@@ -131,7 +131,7 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
   for field, value in _SAVED_BEFORE_FIELD_EXISTED.items():
     *parents, leaf = field.split(".")
     try:
-      node = get_field(config, ".".join(parents))
+      node = get_field(config, ".".join(parents)) if parents else config
     except KeyError:
       continue  # not a config of this model (no such block at all)
     if leaf not in node:

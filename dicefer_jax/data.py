@@ -72,6 +72,11 @@ class FaceData:
   test_images: np.ndarray | image_store.ImageStore
   test_labels: np.ndarray
   test_subjects: list
+  # Held-out images of training subjects (config.seen_holdout > 0), for accuracy
+  # on seen people; None when none are held out.
+  seen_images: np.ndarray | image_store.ImageStore | None = None
+  seen_labels: np.ndarray | None = None
+  seen_subjects: list | None = None
 
 
 def cache_root(config) -> str:
@@ -143,13 +148,18 @@ def split_faces(config, faces: FaceSet) -> FaceData:
   """The train/test split of `faces` that config.fold/num_folds/split_seed name."""
   train, test, info = splits.split_records(
       faces.records, num_folds=config.num_folds, fold=config.fold, seed=config.split_seed)
+  train, seen, info = splits.hold_out_seen(train, float(config.seen_holdout),
+                                           config.split_seed, info)
   if config.data_source not in ("files", "tfds"):
     raise DataError(f"data_source={config.data_source!r} is unknown: use 'files' or 'tfds'")
   stream = image_store.should_stream(len(faces.records), config.image_size,
                                      config.stream_above_mb)
   if config.data_source == "tfds" and not stream:
+    # The held-out seen images come from the builder's train split, like the rest
+    # of their subjects' images.
     return FaceData(faces.data_dir, info, *_tfds_part(config, faces, "train", train),
-                    *_tfds_part(config, faces, "test", test))
+                    *_tfds_part(config, faces, "test", test),
+                    *(_tfds_part(config, faces, "train", seen) if seen else ()))
   index = {id(r): i for i, r in enumerate(faces.records)}
   if not stream:
     images = faces.images(config.image_size)
@@ -163,4 +173,5 @@ def split_faces(config, faces: FaceSet) -> FaceData:
     labels, subjects = face_images.labels_and_subjects(records)
     return images[rows], labels, subjects
 
-  return FaceData(faces.data_dir, info, *arrays(train), *arrays(test))
+  return FaceData(faces.data_dir, info, *arrays(train), *arrays(test),
+                  *(arrays(seen) if seen else ()))

@@ -82,6 +82,9 @@ class SplitInfo:
     note: one line on why this kind was chosen and what it may leak.
     shared_subjects: sorted subject ids in both parts. Always empty for the k-fold
       kinds; for an official split, the dataset's own overlap.
+    num_seen: images of training subjects held out of training to measure
+      accuracy on seen people (`hold_out_seen`); 0 when none are. num_train
+      counts the images that train.
   """
 
   kind: str
@@ -94,6 +97,7 @@ class SplitInfo:
   test_subjects: tuple[str, ...]
   note: str
   shared_subjects: tuple[str, ...] = ()
+  num_seen: int = 0
 
   def as_dict(self) -> dict:
     d = dataclasses.asdict(self)
@@ -476,3 +480,40 @@ def split_records(records: Sequence[Record], *, num_folds: int = 5, fold: int = 
       num_train=len(train), num_test=len(test),
       train_subjects=_known_subjects(train), test_subjects=_known_subjects(test),
       note=note, shared_subjects=_shared_subjects(train, test))
+
+
+def hold_out_seen(train: Sequence[Record], fraction: float, seed: int,
+                  info: SplitInfo) -> tuple[list[Record], list[Record], SplitInfo]:
+  """Splits the training part into (fit, seen, info): a seeded `fraction` of each
+  known training subject's images is held out of training.
+
+  Accuracy on those held-out images of SEEN people, against accuracy on the test
+  fold's unseen people, shows how much a model leans on who someone is (on the
+  confounded synthetic set, a shortcut through appearance). Every subject keeps at
+  least one training image, so each held-out image's person is one the model saw;
+  images without a subject always train. Both lists keep the input order, and the
+  choice depends only on the records and the seed.
+
+  Raises:
+    DataError: fraction outside [0, 1).
+  """
+  if not 0.0 <= fraction < 1.0:
+    raise DataError(f"seen_holdout={fraction} must be in [0, 1): the share of each "
+                    "training subject's images held out to measure seen-people accuracy")
+  train = list(train)
+  held = np.zeros(len(train), dtype=bool)
+  if fraction > 0:
+    rng = np.random.default_rng(seed)
+    by_subject = {}
+    for i, r in enumerate(train):
+      if r.subject:
+        by_subject.setdefault(r.subject, []).append(i)
+    for subject in sorted(by_subject):
+      # Sorted by path, so the choice does not depend on the manifest's order.
+      rows = sorted(by_subject[subject], key=lambda i: train[i].path)
+      k = min(len(rows) - 1, max(1, int(round(fraction * len(rows)))))
+      if k > 0:
+        held[rng.choice(rows, size=k, replace=False)] = True
+  fit = [r for r, h in zip(train, held) if not h]
+  seen = [r for r, h in zip(train, held) if h]
+  return fit, seen, dataclasses.replace(info, num_train=len(fit), num_seen=len(seen))

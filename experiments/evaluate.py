@@ -117,6 +117,16 @@ def _leakage_label(leak: dict) -> str:
   return f"held-out subjects, {leak['pca_dim']} PCs"
 
 
+def _seen_rows(seen: dict) -> list[str]:
+  """The headline rows of the seen-vs-unseen comparison, when it was measured."""
+  if seen.get("seen_accuracy") is None:
+    return []
+  return [f"| accuracy on held-out images of seen subjects | {_fmt(seen['seen_accuracy'])} "
+          f"| {seen['num_seen']} images of {seen['num_seen_subjects']} training subjects |",
+          f"| seen - unseen gap (points) | {seen['gap_points']:.1f} | "
+          "how much accuracy depends on knowing the person |"]
+
+
 def write_report(path: str, result: dict) -> str:
   """A markdown page a person reads: the headline table, the MI terms with their
   checks, the leakage probes, recalls and the plots."""
@@ -138,6 +148,7 @@ def write_report(path: str, result: dict) -> str:
       f"{_fmt(leak['accuracy'])} | chance {_fmt(leak['chance'])} |",
       f"| retrieval@{ret['k']} across subjects | {_fmt(ret['precision_at_k'])} | "
       f"chance {_fmt(ret['chance'])} |",
+      *_seen_rows(result.get("seen_vs_unseen") or {}),
       "",
       "MI values: mean ± std over critic seeds [95% bootstrap interval over the held-out "
       "images]. Each critic term is max(0, held-out DV bound), a lower bound up to the "

@@ -101,6 +101,10 @@ def _critic_error(m: dict, term: str):
 METRICS = (
     ("accuracy", "accuracy", lambda m: _get(m, "accuracy")),
     ("macro_f1", "macro-F1", lambda m: _get(m, "macro_f1")),
+    ("seen_accuracy", "accuracy seen people",
+     lambda m: _get(m, "seen_vs_unseen", "seen_accuracy")),
+    ("seen_gap", "seen - unseen (points)",
+     lambda m: _get(m, "seen_vs_unseen", "gap_points")),
     ("mig", "MIG", lambda m: _get(m, "mig", "mean")),
     ("pair_mi", "I(M;N) expr.",
      lambda m: _get(m, "mig", "terms", _get(m, "mig", "representation_pair") or "", "mean")),

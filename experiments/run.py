@@ -42,7 +42,9 @@ def run(config, workdir: str, stage_flag: str,
   data = data_lib.split_faces(config, faces)
   info = data.split_info
   if train.is_primary():  # one log per job, not one per host
-    print(f"data: {data.data_dir} | split {info.kind}: {info.num_train} train / "
+    seen = (f" ({info.num_seen} more of training subjects held out)"
+            if info.num_seen else "")
+    print(f"data: {data.data_dir} | split {info.kind}: {info.num_train} train{seen} / "
           f"{info.num_test} test images | {info.note}", flush=True)
   summary = train.train_and_evaluate(config, workdir, stage_names, data)
   if summary is not None and train.is_primary():

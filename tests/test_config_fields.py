@@ -330,3 +330,13 @@ def test_a_workdir_saved_before_global_stage_existed_rebuilds_its_model():
   models.build_model(config.model, 7)
   saved["model"]["global_stage"] = 2
   assert config_fields.from_saved(saved).model.global_stage == 2
+
+
+def test_a_workdir_saved_before_seen_holdout_existed_trained_on_every_image():
+  """Catches an old workdir read without the field (or with today's default
+  changed) holding out images it trained on."""
+  saved = json.loads(default.get_config().to_json_best_effort())
+  del saved["seen_holdout"]
+  assert config_fields.from_saved(saved).seen_holdout == 0.0
+  saved["seen_holdout"] = 0.2
+  assert config_fields.from_saved(saved).seen_holdout == 0.2

@@ -8,13 +8,16 @@ from dicefer_jax import face_images
 
 def test_tfds_source_gives_the_same_split_in_the_same_order(tiny_config, tmp_path):
   """Bug: the TFDS path returned its own example order, so switching data_source
-  changed the training batches (and the config check had to refuse the switch)."""
+  changed the training batches (and the config check had to refuse the switch).
+  The held-out images of seen subjects come out the same way too."""
+  tiny_config.seen_holdout = 0.25
   faces = data_lib.load_face_set(tiny_config.data_dir)
   from_files = data_lib.split_faces(tiny_config, faces)
   tiny_config.data_source = "tfds"
   tiny_config.tfds_dir = str(tmp_path / "tfds")
   from_tfds = data_lib.split_faces(tiny_config, faces)
-  for part in ("train", "test"):
+  assert len(from_tfds.seen_labels) > 0
+  for part in ("train", "test", "seen"):
     a, b = (getattr(from_files, f"{part}_images"), getattr(from_tfds, f"{part}_images"))
     assert a.shape == b.shape == (a.shape[0], 32, 32, 1)
     np.testing.assert_array_equal(a, b)

@@ -29,7 +29,7 @@ from experiments.configs import default
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOP_KEYS = {"accuracy", "macro_f1", "per_class_recall", "confusion", "confusion_normalized",
             "num_examples", "method", "split", "representation", "mig", "identity_leakage",
-            "retrieval", "plots", "eval_settings", "timings_s", "notes"}
+            "retrieval", "plots", "eval_settings", "timings_s", "notes", "seen_vs_unseen"}
 
 
 def _untrained_workdir(config, workdir, method="dicefer"):
@@ -122,6 +122,9 @@ def test_every_dicefer_number_is_the_evaluator_on_the_right_codes(tiny_config, t
     assert (c["x_dim"], c["z_dim"]) == (8, 8) and len(c["levels"]) == 3
     assert c["num_heldout"] == saved["mig"]["terms"][name]["num_heldout"]
   assert "stage2.num_steps=0" in " ".join(saved["notes"])
+  # No images of training subjects were held out: the gap is null with the reason.
+  assert saved["seen_vs_unseen"]["gap_points"] is None
+  assert "seen_holdout=0" in saved["seen_vs_unseen"]["reason"]
 
   for name in ("confusion", "tsne_exp_by_expression", "tsne_exp_by_subject",
                "tsne_id_by_subject"):
@@ -135,6 +138,35 @@ def test_every_dicefer_number_is_the_evaluator_on_the_right_codes(tiny_config, t
   assert (f"leakage {leak['accuracy']:.3f} (chance {leak['chance']:.3f}; "
           "held-out subjects, 8 PCs)") in line
   assert f"[{saved['mig']['interval']['low']:.3f}, {saved['mig']['interval']['high']:.3f}]" in line
+
+
+def test_seen_accuracy_is_scored_on_held_out_images_of_training_subjects(tiny_config,
+                                                                        tmp_path):
+  """Bug it catches: the seen accuracy scored on training images (or test images),
+  or the held-out images still trained on."""
+  tiny_config.seen_holdout = 0.25
+  workdir = _untrained_workdir(tiny_config, str(tmp_path / "wd"))
+  saved = evaluate_lib.evaluate(workdir)
+  config, _, data, out, _, _ = _by_hand(workdir)
+  assert config.seen_holdout == 0.25
+  whole = tiny_config.copy_and_resolve_references()
+  whole.seen_holdout = 0.0
+  everything = data_lib.split_faces(whole, data_lib.load_face_set(whole.data_dir))
+  # The held-out images are the training subjects' and no longer train.
+  assert len(data.seen_labels) + len(data.train_labels) == len(everything.train_labels)
+  assert set(data.seen_subjects) == set(everything.train_subjects)
+  assert data.split_info.num_seen == len(data.seen_labels) > 0
+  seen = saved["seen_vs_unseen"]
+  model, state = train.restore_trained(config, workdir)
+  predicted = train.predict(config, model, state, data.seen_images)["prediction"]
+  assert seen["seen_accuracy"] == pytest.approx(np.mean(predicted == data.seen_labels))
+  assert seen["unseen_accuracy"] == saved["accuracy"] == pytest.approx(
+      np.mean(out["prediction"] == data.test_labels))
+  assert seen["gap_points"] == pytest.approx(
+      100 * (seen["seen_accuracy"] - seen["unseen_accuracy"]))
+  assert seen["num_seen"] == len(data.seen_labels)
+  report = open(os.path.join(workdir, "eval", "report.md")).read()
+  assert f"| seen - unseen gap (points) | {seen['gap_points']:.1f} |" in report
 
 
 def test_baseline_reports_the_terms_it_has_and_null_with_reasons(tiny_config, tmp_path):

@@ -513,3 +513,42 @@ def test_split_of_a_manifest_on_disk(tiny_faceset):
   assert len(info.test_subjects) == 2 and len(info.train_subjects) == 4
   assert len(test) == 2 * 7 * 3 and len(train) == 4 * 7 * 3
   assert not set(info.test_subjects) & set(info.train_subjects)
+
+
+def test_hold_out_seen_takes_a_share_of_each_training_subject_and_keeps_them_seen():
+  records = make_records(num_subjects=6, per_class=2)          # 14 images each
+  records = without_subject(records, [0, 1]) + [
+      Record(path="happiness/lone.png", expression="happiness", subject="lone")]
+  train, _, info = split_quietly(records, num_folds=2, fold=0, seed=3)
+  fit, seen, held_info = splits.hold_out_seen(train, 0.2, seed=5, info=info)
+  # Nothing lost, nothing duplicated, input order kept on both sides.
+  assert sorted(r.path for r in fit + seen) == sorted(r.path for r in train)
+  assert [r for r in train if r in fit] == fit and [r for r in train if r in seen] == seen
+  per_subject = collections.Counter(r.subject for r in seen)
+  for subject, n in collections.Counter(r.subject for r in train if r.subject).items():
+    if n == 1:      # a one-image subject keeps its image: it must stay seen
+      assert subject not in per_subject
+    else:
+      assert per_subject[subject] == max(1, round(0.2 * n))
+  # Every held-out person is still in training; unknown people always train.
+  assert {r.subject for r in seen} <= {r.subject for r in fit}
+  assert all(r.subject for r in seen)
+  assert (held_info.num_train, held_info.num_seen) == (len(fit), len(seen))
+  assert held_info.test_subjects == info.test_subjects
+
+
+def test_hold_out_seen_is_seeded_order_free_and_off_at_zero():
+  records = make_records(num_subjects=4, per_class=3)
+  paths = lambda rs: sorted(r.path for r in rs)
+  _, seen, _ = splits.hold_out_seen(records, 0.3, seed=1, info=_INFO)
+  _, again, _ = splits.hold_out_seen(records[::-1], 0.3, seed=1, info=_INFO)
+  _, other, _ = splits.hold_out_seen(records, 0.3, seed=2, info=_INFO)
+  assert paths(seen) == paths(again) != paths(other)
+  fit, none, info = splits.hold_out_seen(records, 0.0, seed=1, info=_INFO)
+  assert fit == records and none == [] and info.num_seen == 0
+  with pytest.raises(DataError, match=r"seen_holdout=1.0 must be in \[0, 1\)"):
+    splits.hold_out_seen(records, 1.0, seed=1, info=_INFO)
+
+
+_INFO = splits.SplitInfo(kind="subject", fold=0, num_folds=2, seed=0, num_train=0,
+                         num_test=0, train_subjects=(), test_subjects=(), note="")

@@ -25,6 +25,8 @@ import dataclasses
 import os
 import time
 
+import numpy as np
+
 from dicefer_jax import contract, plots, train
 from dicefer_jax.data import FaceData
 from dicefer_jax.errors import UserError
@@ -235,6 +237,24 @@ def tsne_plots(codes: dict, missing: dict, labels, subjects, out_dir: str,
   return result
 
 
+def seen_vs_unseen(config, model, state, data: FaceData, unseen_accuracy: float) -> dict:
+  """Accuracy on held-out images of the training subjects against accuracy on the
+  test fold's unseen subjects (config.seen_holdout); the gap in points is how much
+  the model's accuracy depends on knowing the person."""
+  if data.seen_images is None or not len(data.seen_labels):
+    return common.unavailable(
+        "seen_holdout=0: no images of training subjects were held out (set "
+        "--config.seen_holdout=0.2 before training to measure the gap)",
+        seen_accuracy=None, unseen_accuracy=unseen_accuracy, gap_points=None)
+  predictions = train.predict(config, model, state, data.seen_images)["prediction"]
+  seen = float(np.mean(predictions == data.seen_labels))
+  return dict(seen_accuracy=seen, unseen_accuracy=unseen_accuracy,
+              gap_points=100.0 * (seen - unseen_accuracy),
+              num_seen=int(len(data.seen_labels)),
+              num_seen_subjects=len(set(data.seen_subjects) - {""}),
+              num_unseen=int(len(data.test_labels)))
+
+
 def evaluate(config, model, state, data: FaceData, out_dir: str,
              settings: EvalSettings) -> dict:
   """Every metric of a trained state on `data`'s test split; plots go to out_dir.
@@ -248,6 +268,8 @@ def evaluate(config, model, state, data: FaceData, out_dir: str,
   result.update(method=config.method, stage=train.final_stage(config),
                 step=int(state.step), split=data.split_info.as_dict(),
                 data_dir=data.data_dir)
+  result["seen_vs_unseen"] = seen_vs_unseen(config, model, state, data,
+                                             result["accuracy"])
   timings["predict"] = time.time() - start
 
   codes, missing, expression_repr = expression_codes(config, out)
