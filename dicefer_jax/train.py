@@ -308,13 +308,15 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
                 timings: dict | None = None) -> steps.StageState:
   """Trains one stage to its num_steps, resuming from its latest checkpoint.
 
-  `timings`, when given, receives the seconds this call spent in the step loop
-  (`steps`: steps, their input and logging) and in checkpoint saves within it
-  (`checkpoints`); what else it took (restoring, initialising, compiling on the
-  first step) is the caller's wall time minus these.
+  `timings`, when given, receives the seconds this call spent before its first
+  step (`setup`: restoring, initialising, building the input pipeline), on the
+  first step (`first_step`: mostly compiling it), in the other steps (`steps`:
+  steps, their input and logging) and in checkpoint saves (`checkpoints`); the
+  caller's wall time minus these is what returning took.
   """
   clock = timings if timings is not None else {}
   clock.update(steps=0.0, checkpoints=0.0)
+  called = time.perf_counter()
   num_steps = int(config[stage].num_steps)
   prev = prerequisite(stage, config)
   prev_state = None
@@ -403,12 +405,14 @@ def train_stage(stage: str, config, workdir: str, model, data: FaceData,
     clock["checkpoints"] += time.perf_counter() - started
 
   loop_start = None
+  clock["setup"] = time.perf_counter() - called
   try:
     if num_steps == 0:  # a skipped stage (an ablation) still hands its state on
       save()
     for step in range(start + 1, num_steps + 1):
       if step == start + 2:  # after the first step, which compiles the program
         loop_start = time.perf_counter()
+        clock["first_step"] = loop_start - called - clock["setup"]
       batch = global_batch(next(batches), data_sharding)
       state, metrics = step_fn(state, batch)
       pending.append(metrics)

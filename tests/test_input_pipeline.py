@@ -321,3 +321,16 @@ def test_bad_inputs():
     ip.pair_dataset(coded_images(4), np.zeros(4, int), ["a"], batch_size=2, seed=0)
   with pytest.raises(ValueError, match="batch_size"):
     ip.classification_dataset(coded_images(4), np.zeros(4, int), batch_size=0, seed=0)
+
+
+def test_no_pipeline_autotunes():
+  """Bug it catches: with tf.data autotuning on, deleting a training iterator
+  waited for the autotuner's sleeping thread, up to about a minute of idle time
+  between the demo's stages. Every training and evaluation pipeline must run
+  with fixed parallelism instead."""
+  images, labels, subjects = small_set()
+  for ds in (ip.pair_dataset(images, labels, subjects, batch_size=4, seed=0),
+             ip.classification_dataset(images, labels, batch_size=4, seed=0),
+             ip.eval_dataset(images, labels, batch_size=4)):
+    assert ds.options().autotune.enabled is False
+    assert ds.options().deterministic is True

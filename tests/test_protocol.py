@@ -623,7 +623,13 @@ def test_protocol_end_to_end_resumes_an_interrupted_fold(tiny_config, tmp_path, 
   def stage_timings(variant, fold):
     path = workdir_lib.train_metrics_path(os.path.join(workdir, variant, f"fold{fold}"))
     return json.load(open(path))["timings_s"]
-  assert stage_timings("baseline", 1)["baseline"]["steps"] > 0  # resumed: steps 3-4
+  resumed = stage_timings("baseline", 1)["baseline"]
+  assert resumed["steps"] > 0  # resumed: steps 3-4
+  # Setup, the compiling first step, the other steps and the checkpoints are
+  # parts of the stage's wall time.
+  parts = ("setup", "first_step", "steps", "checkpoints")
+  assert all(resumed[k] >= 0 for k in parts)
+  assert sum(resumed[k] for k in parts) <= resumed["total"] + 1e-3
   skipped = stage_timings("baseline", 0)["baseline"]  # trained before, found complete
   assert (skipped["steps"], skipped["checkpoints"]) == (0, 0)
   assert stage_timings("dicefer", 1)["stage1"]["steps"] == 0  # 0 steps configured
