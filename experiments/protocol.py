@@ -18,7 +18,9 @@ face set once for all of them. Variants:
   is experiments/configs/ablations.py).
 
 DIR/protocol.md and DIR/protocol.json hold the mean and std over folds of each
-metric per variant, and the per-fold rows; they are rewritten after every run.
+metric per variant, and the per-fold rows; DIR/headline.md the claim's metrics
+(accuracy on unseen and seen people, identity leakage) in two short tables for a
+README. All are rewritten after every run.
 An interrupted protocol continues where it stopped when rerun with the same
 flags: a run whose eval/metrics.json matches its config and evaluation settings
 is reused, a partly trained one resumes from its checkpoints.
@@ -418,6 +420,82 @@ def _fmt(x, std=None) -> str:
   return f"{x:.3f}" if std is None else f"{x:.3f} ± {std:.3f}"
 
 
+# headline.md's columns: (METRICS key, header). The claim is about these.
+HEADLINE = (
+    ("accuracy", "accuracy, unseen people"),
+    ("seen_accuracy", "accuracy, seen people"),
+    ("seen_gap", "seen - unseen (points)"),
+    ("leakage", "identity leakage of the expression representation"),
+    ("leakage_id", "identity leakage of z_id"),
+    ("retrieval", "retrieval@k"),
+    ("pair_mi_plugin", "I(M;N) plug-in bound (nats)"),
+)
+# Paired differences shown: the claim's three (accuracy, gap, leakage).
+HEADLINE_PAIRED = ("accuracy", "seen_gap", "leakage")
+
+
+def _headline_cell(stats: dict | None, digits: int) -> str:
+  if not stats:
+    return "n/a"
+  if stats.get("same_as"):
+    return f"= {stats['same_as']}"
+  if stats.get("mean") is None:
+    return "n/a"
+  if stats.get("std") is None:
+    return f"{stats['mean']:.{digits}f}"
+  return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+
+
+def _digits(key: str) -> int:
+  return 1 if key == "seen_gap" else 3
+
+
+def _chance(report: dict, key: str) -> str:
+  means = [s.get(key, {}).get("mean") for s in report["summary"].values()]
+  means = [m for m in means if m is not None]
+  return f"{sum(means) / len(means):.3f}" if means else "n/a"
+
+
+def _headline_difference(e: dict | None, digits: int) -> str:
+  if e is None:
+    return "n/a"
+  if e.get("low") is None:
+    return f"{e['mean']:+.{digits}f}"
+  return f"{e['mean']:+.{digits}f} [{e['low']:+.{digits}f}, {e['high']:+.{digits}f}]"
+
+
+def headline_markdown(report: dict) -> str:
+  """headline.md: the claim's metrics in two short tables (means ± std over folds;
+  the first variant minus each other one, fold by fold), for a README."""
+  folds = len(report["folds"])
+  k = report["eval_settings"]["retrieval_k"]
+  headers = [h.replace("@k", f"@{k}") for _, h in HEADLINE]
+  lines = [f"{report['split_kind']} split, {folds} folds; runs finished "
+           f"{report['runs_done']} of {report['runs_total']}. Mean ± std over folds:", "",
+           "| variant | folds | " + " | ".join(headers) + " |",
+           "|" + "---|" * (len(HEADLINE) + 2)]
+  for v in report["variants"]:
+    s = report["summary"][v["name"]]
+    lines.append(f"| {v['name']} | {s['folds_done']}/{folds} | " + " | ".join(
+        _headline_cell(s.get(key), _digits(key)) for key, _ in HEADLINE) + " |")
+  lines += ["", "Chance: accuracy 1/7 = 0.143 (uniform guessing), identity leakage "
+            f"{_chance(report, 'leakage_chance')} (majority subject), retrieval "
+            f"{_chance(report, 'retrieval_chance')}."]
+  paired = {name: p for name, p in (report.get("paired") or {}).items() if p}
+  if paired:
+    keys = [key for key, _ in HEADLINE if key in HEADLINE_PAIRED]
+    lines += ["", f"{report['variants'][0]['name']} minus each variant, fold by fold: "
+              "mean difference [95% t-interval]; an interval that excludes 0 is a "
+              "difference the folds agree on.", "",
+              "| variant | folds | " + " | ".join(report["metrics"][key] for key in keys)
+              + " |", "|" + "---|" * (len(keys) + 2)]
+    for name, per_metric in paired.items():
+      n = max(e["n"] for e in per_metric.values())
+      lines.append(f"| {name} | {n} | " + " | ".join(
+          _headline_difference(per_metric.get(key), _digits(key)) for key in keys) + " |")
+  return "\n".join(lines)
+
+
 def markdown(report: dict) -> str:
   """protocol.md: the summary table, the per-fold rows and how to read them."""
   variants = report["variants"]
@@ -556,6 +634,8 @@ def run_protocol(config, workdir: str, *, folds: int | None = None,
                complete=final and done == total)
     fileio.write_json_atomic(os.path.join(workdir, "protocol.json"), rep)
     fileio.write_text_atomic(os.path.join(workdir, "protocol.md"), markdown(rep))
+    fileio.write_text_atomic(os.path.join(workdir, "headline.md"),
+                             headline_markdown(rep) + "\n")
     return rep
 
   for fold in fold_ids:

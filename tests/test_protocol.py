@@ -614,6 +614,13 @@ def test_protocol_end_to_end_resumes_an_interrupted_fold(tiny_config, tmp_path, 
   assert report["summary"]["baseline"]["mig"]["n"] == 0
   md = open(os.path.join(workdir, "protocol.md")).read()
   assert "| dicefer | 2/2 |" in md and "| baseline | 2/2 |" in md
+  # headline.md: the claim's metrics, from the same summary and paired differences.
+  headline = open(os.path.join(workdir, "headline.md")).read()
+  s, p = report["summary"], report["paired"]["baseline"]
+  assert (f"| dicefer | 2/2 | {s['dicefer']['accuracy']['mean']:.3f} ± "
+          f"{s['dicefer']['accuracy']['std']:.3f} |") in headline
+  assert (f"| baseline | 2 | {p['accuracy']['mean']:+.3f} [{p['accuracy']['low']:+.3f}, "
+          f"{p['accuracy']['high']:+.3f}] |") in headline
   # Where each run's time went: the parts add up, and training steps were timed.
   for r in report["rows"]:
     if r["status"] == "ran":
