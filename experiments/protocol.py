@@ -597,6 +597,17 @@ def markdown(report: dict) -> str:
   return "\n".join(lines)
 
 
+def _earlier_rows(workdir: str) -> dict:
+  """(variant, fold) -> row of the protocol.json an earlier invocation wrote, so
+  that a run it trained keeps its timings when this one reuses it."""
+  path = os.path.join(workdir, "protocol.json")
+  if not os.path.isfile(path):
+    return {}
+  with open(path) as f:
+    rows = json.load(f).get("rows", [])
+  return {(r["variant"], r["fold"]): r for r in rows}
+
+
 def run_protocol(config, workdir: str, *, folds: int | None = None,
                  methods: Sequence[str] = METHODS, sweep: str = "",
                  ablations: Sequence[str] = (), controls: Sequence[str] = (),
@@ -618,6 +629,7 @@ def run_protocol(config, workdir: str, *, folds: int | None = None,
   split_note = _split_note(kind, num_folds, config.split_seed)
   rows = []
   total = len(fold_ids) * len(variants)
+  earlier = _earlier_rows(workdir)
 
   def report(final: bool) -> dict:
     done = sum(r["status"] in ("ran", "reused") for r in rows)
@@ -649,6 +661,9 @@ def run_protocol(config, workdir: str, *, folds: int | None = None,
       metrics = reusable_metrics(cfg, wd)
       if metrics is not None:
         row["status"] = "reused"
+        # What the invocation that ran it measured and did stays in the report.
+        row.update({k: v for k, v in earlier.get((variant.name, row["fold"]), {}).items()
+                    if k in ("timings_s", "warmup_from")})
         print(f"[protocol] {variant.name} {row['fold']}: reusing {wd}", flush=True)
       else:
         print(f"[protocol] {variant.name} {row['fold']}: training and evaluating in {wd}",

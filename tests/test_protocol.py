@@ -585,12 +585,16 @@ def test_protocol_end_to_end_resumes_an_interrupted_fold(tiny_config, tmp_path, 
 
   with pytest.raises(KeyboardInterrupt):
     protocol.run_protocol(config, workdir, folds=2, evaluate_fn=interrupted_evaluate)
+  first = json.load(open(os.path.join(workdir, "protocol.json")))["rows"]
 
   counter = ReadCounter(monkeypatch)
   report = protocol.run_protocol(config, workdir, folds=2)
   assert [(r["variant"], r["fold"], r["status"]) for r in report["rows"]] == [
       ("dicefer", 0, "reused"), ("baseline", 0, "ran"),
       ("dicefer", 1, "ran"), ("baseline", 1, "ran")]
+  # The reused run keeps the timings the first invocation measured for it.
+  assert first[0]["timings_s"]["total"] > 0
+  assert report["rows"][0]["timings_s"] == first[0]["timings_s"]
   assert report["complete"]
   # 3 trainings and 3 evaluations, one read of the face set.
   assert counter.manifests == 1 and counter.sizes == [config.image_size]
