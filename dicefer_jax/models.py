@@ -228,13 +228,20 @@ class DiceferModel(NamedTuple):
   baseline_head: Classifier
 
 
-def _check_stage(field: str, value) -> None:
-  """Refuses a critic input stage that is not one of the trunk's stages 1-4."""
+def _check_stage(field: str, value, zero_means: str = "") -> None:
+  """Refuses a critic input stage that is not one of the trunk's stages 1-4 (or 0,
+  where `zero_means` says what 0 stands for)."""
   # bool is an Integral too; 0 or -1 would silently index from the end (stage 4).
+  lowest = 0 if zero_means else 1
   if (isinstance(value, bool) or not isinstance(value, numbers.Integral)
-      or not 1 <= value <= len(_STAGE_MULTIPLIERS)):
+      or not lowest <= value <= len(_STAGE_MULTIPLIERS)):
+    zero = f", or 0 for {zero_means}" if zero_means else ""
     raise UserError(f"--config.model.{field}={value!r}: use a ResNet stage 1-4, the "
-                    "trunk stage whose map the critics score (4 = the last)")
+                    f"trunk stage whose map the critics score (4 = the last){zero}")
+
+
+# Whose trunk maps stage 2's critics score (`model.id_critic_input`).
+ID_CRITIC_INPUTS = ("id_encoder", "exp_encoder")
 
 
 def build_model(model_config, num_classes: int) -> DiceferModel:
@@ -242,21 +249,31 @@ def build_model(model_config, num_classes: int) -> DiceferModel:
 
   Every field is read directly: the defaults live in experiments/configs/default.py
   only, so a config that lacks one fails here instead of quietly using a second
-  default.
+  default. E_id's `local_stage` / `global_stage` are those of stage 2's critics
+  (`model.id_critic_stage`, 0 = stage 1's), whichever encoder's maps they score:
+  both trunks have the same widths, so the critics' input shapes are the same.
 
   Raises:
-    UserError: `local_stage` or `global_stage` is not a stage 1-4.
+    UserError: `local_stage` or `global_stage` is not a stage 1-4,
+      `id_critic_stage` not 0-4, or `id_critic_input` not one of ID_CRITIC_INPUTS.
   """
   c = model_config
   _check_stage("local_stage", c.local_stage)
   _check_stage("global_stage", c.global_stage)
+  _check_stage("id_critic_stage", c.id_critic_stage, "stage 1's critic stages")
+  if c.id_critic_input not in ID_CRITIC_INPUTS:
+    raise UserError(f"--config.model.id_critic_input={c.id_critic_input!r}: use one of "
+                    f"{', '.join(ID_CRITIC_INPUTS)}, whose maps stage 2's critics score")
   dtype = jnp.bfloat16 if c.half_precision else jnp.float32
-  encoder = lambda dim: ResNet18Encoder(dim, c.width, c.local_stage, dtype,
-                                       c.normalize_code, c.global_stage)
+  id_local = c.id_critic_stage or c.local_stage
+  id_global = c.id_critic_stage or c.global_stage
+  encoder = lambda dim, local, glob: ResNet18Encoder(dim, c.width, local, dtype,
+                                                     c.normalize_code, glob)
   global_critic = GlobalCritic(c.critic_hidden)
   local_critic = LocalCritic(c.critic_hidden)
   return DiceferModel(
-      exp_encoder=encoder(c.exp_dim), id_encoder=encoder(c.id_dim),
+      exp_encoder=encoder(c.exp_dim, c.local_stage, c.global_stage),
+      id_encoder=encoder(c.id_dim, id_local, id_global),
       exp_global_critic=global_critic, exp_local_critic=local_critic,
       id_global_critic=global_critic, id_local_critic=local_critic,
       discriminator=Discriminator(c.disc_hidden),

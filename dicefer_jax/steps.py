@@ -12,7 +12,8 @@ The MI terms of stages 1 and 2 maximise `config.loss.estimator`'s objective (DV,
 JSD or InfoNCE, `mi.py`) and always log the DV estimate on the same scores as
 mi_global / mi_local, the objective itself as objective_global / objective_local.
 The global critics score the pooled map of `model.global_stage`, the local ones
-the map of `model.local_stage` (`models.EncoderOutput`).
+the map of `model.local_stage` (`models.EncoderOutput`); stage 2's critics those
+of `model.id_critic_stage`, from the encoder `model.id_critic_input` names.
 """
 
 import numbers
@@ -199,13 +200,15 @@ def _check_disc_steps(disc_steps) -> None:
 
 
 def make_stage2_step(model: DiceferModel, loss_config, optimizers,
-                     disc_steps: int = 1) -> Callable:
+                     disc_steps: int = 1, critic_input: str = "id_encoder") -> Callable:
   """Stage 2: learn E_id with E_exp frozen; D adversarially removes I(z_exp; z_id).
 
   For every image X of the pair, with t = [z_exp(X), z_id(X)]:
     E_id + critics minimise -(mu I_g(X; t) + nu I_l(X; t)) + zeta * fool(D)
-  (each I the `loss.estimator` objective; X is E_id's map of the configured
-  stages, so with stages before the last, t is no linear function of it)
+  (each I the `loss.estimator` objective; X is the map, at E_id's critic stages,
+  of `critic_input`'s trunk: E_id's own, as in Deep InfoMax, or the frozen
+  E_exp's. E_id can shape its own map to agree with z_id whatever z_id keeps;
+  it cannot shape E_exp's, so there z_id gains only by describing the image)
     D minimises BCE(D(z_exp, z_id) -> joint) + BCE(D(z_exp, z_id') -> shuffled)
   where fool(D) is D's loss with the labels flipped (the non-saturating form: the
   encoder's gradient does not vanish when D is confident). D and E_id are updated
@@ -218,6 +221,7 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
     loss_config: the `loss` block of a config (mu, nu, zeta, estimator).
     optimizers: {"main": E_id and its critics, "disc": D}, from `make_optimizers`.
     disc_steps: discriminator updates per encoder update, an integer >= 1.
+    critic_input: "id_encoder" or "exp_encoder" (`model.id_critic_input`).
 
   Raises:
     UserError: `disc_steps` is not an integer >= 1, or `loss.estimator` is not one
@@ -227,6 +231,12 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
   c = loss_config
   mi.check_estimator(c.estimator)
   tx_main, tx_disc = optimizers["main"], optimizers["disc"]
+  # E_exp returning its maps at the stages E_id's critics score (the same
+  # parameters: which maps an encoder returns is not part of its weights).
+  exp_encoder = model.exp_encoder.clone(local_stage=model.id_encoder.local_stage,
+                                        global_stage=model.id_encoder.global_stage)
+  if critic_input not in ("id_encoder", "exp_encoder"):
+    raise ValueError(f"unknown critic_input {critic_input!r}")
 
   def disc_logits(params, z_exp, z_id, perm):
     d = lambda zi: model.discriminator.apply({"params": params["discriminator"]}, z_exp, zi)
@@ -239,9 +249,10 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
     perm_pair = mi.marginal_permutation(key, b)
     perm_all = mi.marginal_permutation(jax.random.fold_in(key, 1), 2 * b)
     images = jnp.concatenate([batch["image_m"], batch["image_n"]], axis=0)
-    exp_out, _ = _encode(model.exp_encoder, state.params, state.batch_stats,
+    exp_out, _ = _encode(exp_encoder, state.params, state.batch_stats,
                          "exp_encoder", images, train=False)
-    z_exp = jax.lax.stop_gradient(exp_out.code)
+    exp_out = jax.tree.map(jax.lax.stop_gradient, exp_out)
+    z_exp = exp_out.code
     trainable = _subset(state.params, TRAINABLE["stage2"]["main"])
 
     def loss_fn(trainable):
@@ -249,6 +260,7 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
       out, new_stats = _encode(model.id_encoder, params, state.batch_stats,
                                "id_encoder", images, train=True)
       _check_critic_inputs(out, 2 * b)
+      scored = exp_out if critic_input == "exp_encoder" else out
       t = jnp.concatenate([z_exp, out.code], axis=-1)
       global_score = lambda x, z: model.id_global_critic.apply(
           {"params": params["id_global_critic"]}, x, z)
@@ -258,8 +270,8 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
       term = lambda score, xs: mi.add_estimates(*(
           mi.mutual_information(score, x, z, perm_pair, c.estimator)
           for x, z in zip(jnp.split(xs, 2), jnp.split(t, 2))))
-      mi_global = term(global_score, out.critic_feature)
-      mi_local = term(local_score, out.feature_map)
+      mi_global = term(global_score, scored.critic_feature)
+      mi_local = term(local_score, scored.feature_map)
       joint, shuffled = disc_logits(params, z_exp, out.code, perm_all)
       fool = _bce_with_logits(joint, 0.0) + _bce_with_logits(shuffled, 1.0)
       loss = -(c.mu * mi_global.objective + c.nu * mi_local.objective) + c.zeta * fool
@@ -363,7 +375,8 @@ def make_step(stage: str, model: DiceferModel, config, optimizers) -> Callable:
   if stage == "stage1":
     return make_stage1_step(model, config.loss, optimizers)
   if stage == "stage2":
-    return make_stage2_step(model, config.loss, optimizers, config.train.disc_steps)
+    return make_stage2_step(model, config.loss, optimizers, config.train.disc_steps,
+                            config.model.id_critic_input)
   if stage == "stage3":
     return make_stage3_step(model, optimizers)
   if stage == "baseline":

@@ -259,6 +259,42 @@ def test_critic_stage_out_of_range_is_a_one_line_user_error(field, value):
   assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("value", [5, -1, True])
+def test_id_critic_stage_out_of_range_is_a_one_line_user_error(value):
+  """Catches -1 indexing from the end, 5 failing inside tracing, or True taken
+  for stage 1 (0 is allowed: it means stage 1's critic stages)."""
+  config = tiny.get_config().model
+  config.id_critic_stage = value
+  with pytest.raises(UserError, match=r"^--config\.model\.id_critic_stage=.*or 0 for") as e:
+    models.build_model(config, 7)
+  assert "\n" not in str(e.value)
+
+
+def test_unknown_id_critic_input_is_a_one_line_user_error():
+  config = tiny.get_config().model
+  config.id_critic_input = "own"
+  with pytest.raises(UserError, match=r"^--config\.model\.id_critic_input='own': use one "
+                     r"of id_encoder, exp_encoder"):
+    models.build_model(config, 7)
+
+
+@pytest.mark.parametrize("id_critic_stage", [0, 2])
+def test_id_critic_stage_moves_only_stage_2s_critics(id_critic_stage):
+  """Catches id_critic_stage moving stage 1's critics too (or being ignored), and
+  0 not meaning stage 1's stages: the identity critics' first layers take that
+  stage's channels, the expression critics keep theirs."""
+  config, model = _tiny_model(3, 4, id_critic_stage=id_critic_stage)
+  params, _ = models.init_variables(model, jax.random.PRNGKey(0), 32)
+  channels = lambda stage: config.width * (1, 2, 4, 8)[stage - 1]
+  t_width = config.exp_dim + config.id_dim
+  id_global, id_local = (id_critic_stage, id_critic_stage) if id_critic_stage else (3, 4)
+  first = lambda name: params[name]["hidden1"]["kernel"].shape
+  assert first("id_global_critic")[0] == channels(id_global) + t_width
+  assert first("id_local_critic")[2] == channels(id_local) + t_width
+  assert first("exp_global_critic")[0] == channels(3) + config.exp_dim
+  assert first("exp_local_critic")[2] == channels(4) + config.exp_dim
+
+
 def test_critic_inputs_stay_float32_under_half_precision():
   """Catches a bfloat16 critic input (the trunk's dtype) reaching the critics:
   their scores feed the DV bound's logsumexp, kept in float32."""

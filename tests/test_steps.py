@@ -187,16 +187,24 @@ def _stage1_loss_by_hand(model, state, batch, loss_config, swap):
               objective_global=objective_global, objective_local=objective_local)
 
 
-def _critic_inputs_by_hand(encoder, params, batch_stats, name, images):
-  """(pooled map of global_stage, map of local_stage, code) in training mode, the
-  maps taken from the trunk's own output list rather than the encoder's fields."""
+def _critic_inputs_by_hand(encoder, params, batch_stats, name, images, train=True,
+                           stages=None):
+  """(pooled map of the global stage, map of the local stage, code), the maps
+  taken from the trunk's own output list rather than the encoder's fields;
+  `stages` = (global, local), by default the encoder's own."""
+  global_stage, local_stage = stages or (encoder.global_stage, encoder.local_stage)
   variables = {"params": params[name], "batch_stats": batch_stats[name]}
-  out, _ = encoder.apply(variables, images, train=True, mutable=["batch_stats"])
-  maps, _ = models.ResNet18Trunk(encoder.width, encoder.dtype).apply(
-      {"params": params[name]["trunk"], "batch_stats": batch_stats[name]["trunk"]},
-      images, train=True, mutable=["batch_stats"])
-  x_global = np.asarray(maps[encoder.global_stage - 1], np.float64).mean(axis=(1, 2))
-  x_local = np.asarray(maps[encoder.local_stage - 1])
+  trunk_variables = {"params": params[name]["trunk"],
+                     "batch_stats": batch_stats[name]["trunk"]}
+  trunk = models.ResNet18Trunk(encoder.width, encoder.dtype)
+  if train:
+    out, _ = encoder.apply(variables, images, train=True, mutable=["batch_stats"])
+    maps, _ = trunk.apply(trunk_variables, images, train=True, mutable=["batch_stats"])
+  else:
+    out = encoder.apply(variables, images, train=False)
+    maps = trunk.apply(trunk_variables, images, train=False)
+  x_global = np.asarray(maps[global_stage - 1], np.float64).mean(axis=(1, 2))
+  x_local = np.asarray(maps[local_stage - 1])
   return x_global.astype(np.float32), x_local, np.asarray(out.code)
 
 
@@ -441,10 +449,11 @@ def test_discriminator_and_identity_encoder_pull_the_adversarial_term_apart(setu
   assert after_d < before < after_id, (before, after_d, after_id)
 
 
-def _stage2_mi_by_hand(model, state, batch, loss_config):
+def _stage2_mi_by_hand(model, state, batch, loss_config, critic_input="id_encoder"):
   """Stage 2's MI terms outside `steps`: for M's and N's images apart, the
-  identity critics score E_id's maps of the configured stages (training mode)
-  against t = [z_exp, z_id], z_exp from the frozen E_exp in eval mode."""
+  identity critics score E_id's maps of the configured stages (training mode),
+  or with critic_input="exp_encoder" the frozen E_exp's maps of those stages
+  (eval mode), against t = [z_exp, z_id], z_exp from the frozen E_exp in eval mode."""
   params = state.params
   b = batch["image_m"].shape[0]
   perm = np.asarray(mi.marginal_permutation(jax.random.fold_in(state.rng, state.step), b))
@@ -454,6 +463,10 @@ def _stage2_mi_by_hand(model, state, batch, loss_config):
       images, train=False).code)
   x_global, x_local, z_id = _critic_inputs_by_hand(model.id_encoder, params,
                                                    state.batch_stats, "id_encoder", images)
+  if critic_input == "exp_encoder":
+    x_global, x_local, _ = _critic_inputs_by_hand(
+        model.exp_encoder, params, state.batch_stats, "exp_encoder", images, train=False,
+        stages=(model.id_encoder.global_stage, model.id_encoder.local_stage))
   t = np.concatenate([z_exp, z_id], axis=-1)
   out = {}
   for kind, critic, x in (("global", model.id_global_critic, x_global),
@@ -495,6 +508,34 @@ def test_stage2_mi_terms_are_the_estimator_on_the_configured_maps(setup, estimat
   _assert_metrics_match(metrics, expected)
   assert bool(metrics["finite"])
   assert not _same(new_state.params["id_encoder"], state.params["id_encoder"])
+
+
+def test_stage2_critics_can_score_the_frozen_exp_encoders_map(setup):
+  """Catches `model.id_critic_input=exp_encoder` still scoring E_id's own maps,
+  taking E_exp's maps at stage 1's critic stages instead of `id_critic_stage`,
+  or running the frozen E_exp in training mode (its batch statistics would move
+  the maps); and E_exp changing in stage 2. E_id is still trained: through z_id
+  in t, its only path into the MI terms now (zeta = 0).
+
+  Stage 1's critics here score stage 3, stage 2's stage 2: both widths differ,
+  so a map from the wrong stage or encoder fails on shape or value."""
+  config, _, _, _ = setup
+  config = _config(config, zeta=0.0)
+  config.model.id_critic_input, config.model.id_critic_stage = "exp_encoder", 2
+  model = models.build_model(config.model, contract.NUM_CLASSES)
+  assert (model.id_encoder.global_stage, model.id_encoder.local_stage) == (2, 2)
+  assert (model.exp_encoder.global_stage, model.exp_encoder.local_stage) == (3, 3)
+  params, batch_stats = models.init_variables(model, jax.random.PRNGKey(0), S)
+  state = _state("stage2", config, params, batch_stats)
+  batch = EasyPairs().batch(3)
+  expected = _stage2_mi_by_hand(model, state, batch, config.loss, "exp_encoder")
+  own = _stage2_mi_by_hand(model, state, batch, config.loss, "id_encoder")
+  assert abs(own["mi_local"] - expected["mi_local"]) > 1e-2, (own, expected)
+  new_state, metrics = _jit_step("stage2", config, model)(state, batch)
+  _assert_metrics_match(metrics, expected)
+  assert not _same(new_state.params["id_encoder"], state.params["id_encoder"])
+  assert _same(new_state.params["exp_encoder"], state.params["exp_encoder"])
+  assert _same(new_state.batch_stats["exp_encoder"], state.batch_stats["exp_encoder"])
 
 
 # ---------------------------------------------------------------------------

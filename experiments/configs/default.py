@@ -60,6 +60,11 @@ def get_config() -> ml_collections.ConfigDict:
       # z_id linear in the earlier map too (benchmarks/identity_code_control.py).
       local_stage=4,
       global_stage=4,
+      # Stage 2's critics: whose map they score, "id_encoder" (E_id's own, as in
+      # Deep InfoMax) or "exp_encoder" (the frozen E_exp's, which E_id cannot
+      # shape), and at which trunk stage (1-4; 0 = local_stage / global_stage).
+      id_critic_input="id_encoder",
+      id_critic_stage=0,
       normalize_code=False,  # batch-standardise z (BatchNorm without scale or bias)
       critic_hidden=512,
       disc_hidden=512,
