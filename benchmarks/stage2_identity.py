@@ -4,8 +4,9 @@ identity? Prints the logged MI curve and the held-out identity probe.
 Restores the final stage-1 state of a DICE-FER workdir (E_exp), then trains
 stage 2 exactly as `experiments.run` would (same initial E_id, critics and D,
 same step function, same batches, same rng) under a changed config, e.g. the
-critics on other stages (`model.local_stage`, `model.global_stage`), another
-`loss.estimator` or `loss.zeta`. The id critics are built for the variant's
+critics on other stages (`model.local_stage`, `model.global_stage`), on the
+frozen E_exp's maps (`model.id_critic_input=exp_encoder`, `model.id_critic_stage`),
+another `loss.estimator` or `loss.zeta`. The id critics are built for the variant's
 stages; E_exp and its BatchNorm statistics are the workdir's. Afterwards the
 evaluation's own probe (`evaluator.identity_leakage`: the test split's held-out
 people, PCA-matched and raw) names the subject from z_exp, z_id and the pooled

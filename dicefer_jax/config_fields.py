@@ -18,10 +18,12 @@ for the life of a workdir. This module is the one place that says so; training
 and the protocol both ask it.
 
 A config saved before a field existed lacks it: `with_defaults` fills such gaps
-from today's defaults, so old workdirs still load and a missing field is not a
-change.
+with the value the workdir trained with where that is recorded
+(_SAVED_BEFORE_FIELD_EXISTED), otherwise from today's defaults, so old workdirs
+still load and a missing field is not a change.
 """
 
+import json
 from typing import Any
 
 import ml_collections
@@ -131,28 +133,35 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
     if isinstance(value, list):
       return tuple(untuple(v) for v in value)
     return value
-  config = ml_collections.ConfigDict(untuple(saved))
+  return ml_collections.ConfigDict(_backfilled(untuple(saved)))
+
+
+def _backfilled(saved: dict) -> dict:
+  """A copy of a saved config (JSON dict) with the fields it predates set to
+  what it trained with (_SAVED_BEFORE_FIELD_EXISTED)."""
+  saved = json.loads(json.dumps(saved))
   for field, value in _SAVED_BEFORE_FIELD_EXISTED.items():
     *parents, leaf = field.split(".")
-    try:
-      node = get_field(config, ".".join(parents)) if parents else config
-    except KeyError:
-      continue  # not a config of this model (no such block at all)
-    if leaf not in node:
-      node[leaf] = value
-  return config
+    node = saved
+    for key in parents:
+      node = node.get(key) if isinstance(node, dict) else None
+    if isinstance(node, dict) and leaf not in node:
+      node[leaf] = value  # (no such block at all: not a config of this model)
+  return saved
 
 
 def with_defaults(saved: dict, defaults: ml_collections.ConfigDict
                   ) -> ml_collections.ConfigDict:
   """A saved config (JSON dict) as a ConfigDict, with fields it lacks from `defaults`.
 
+  A field the saved config predates takes the value it trained with
+  (_SAVED_BEFORE_FIELD_EXISTED), not today's default, which may since differ.
   Values take the type of the default where JSON lost it (lists back to tuples).
   Saved fields unknown to today's defaults are kept as they are.
   """
   config = defaults.copy_and_resolve_references()
   with config.unlocked():
-    _overlay(config, saved)
+    _overlay(config, _backfilled(saved))
   return config
 
 

@@ -332,6 +332,26 @@ def test_a_workdir_saved_before_global_stage_existed_rebuilds_its_model():
   assert config_fields.from_saved(saved).model.global_stage == 2
 
 
+def test_a_field_a_workdir_predates_reads_as_what_it_trained_with_not_todays_default():
+  """Catches `with_defaults` (every entry point's reader) filling a field the
+  saved config predates from today's default once that default has moved on:
+  the workdir's stage-2 critics would be rebuilt for another encoder's maps at
+  another stage, and the protocol would take an old run for the new setting."""
+  defaults = default.get_config()
+  defaults.model.id_critic_input, defaults.model.id_critic_stage = "exp_encoder", 2
+  saved = json.loads(default.get_config().to_json_best_effort())
+  del saved["model"]["id_critic_input"], saved["model"]["id_critic_stage"]
+  config = config_fields.with_defaults(saved, defaults)
+  assert (config.model.id_critic_input, config.model.id_critic_stage) == ("id_encoder", 0)
+  assert "id_critic_input" not in saved["model"]  # the caller's dict is left alone
+  saved["model"]["id_critic_stage"] = 3
+  assert config_fields.with_defaults(saved, defaults).model.id_critic_stage == 3
+  # A field outside the backfill list still comes from today's defaults.
+  del saved["model"]["critic_hidden"]
+  defaults.model.critic_hidden = 17
+  assert config_fields.with_defaults(saved, defaults).model.critic_hidden == 17
+
+
 def test_a_workdir_saved_before_seen_holdout_existed_trained_on_every_image():
   """Catches an old workdir read without the field (or with today's default
   changed) holding out images it trained on."""
