@@ -449,7 +449,7 @@ def test_discriminator_and_identity_encoder_pull_the_adversarial_term_apart(setu
   assert after_d < before < after_id, (before, after_d, after_id)
 
 
-def _stage2_mi_by_hand(model, state, batch, loss_config, critic_input="id_encoder"):
+def _stage2_mi_by_hand(model, state, batch, loss_config, critic_input):
   """Stage 2's MI terms outside `steps`: for M's and N's images apart, the
   identity critics score E_id's maps of the configured stages (training mode),
   or with critic_input="exp_encoder" the frozen E_exp's maps of those stages
@@ -500,7 +500,8 @@ def test_stage2_mi_terms_are_the_estimator_on_the_configured_maps(setup, estimat
                                                          params[name]["score"]))
   state = _state("stage2", config, params, batch_stats)
   batch = EasyPairs().batch(7)
-  expected = _stage2_mi_by_hand(model, state, batch, config.loss)
+  expected = _stage2_mi_by_hand(model, state, batch, config.loss,
+                                config.model.id_critic_input)
   if estimator != "dv":
     for kind in ("global", "local"):
       assert abs(expected[f"objective_{kind}"] - expected[f"mi_{kind}"]) > 1e-2, expected
@@ -510,27 +511,30 @@ def test_stage2_mi_terms_are_the_estimator_on_the_configured_maps(setup, estimat
   assert not _same(new_state.params["id_encoder"], state.params["id_encoder"])
 
 
-def test_stage2_critics_can_score_the_frozen_exp_encoders_map(setup):
-  """Catches `model.id_critic_input=exp_encoder` still scoring E_id's own maps,
-  taking E_exp's maps at stage 1's critic stages instead of `id_critic_stage`,
-  or running the frozen E_exp in training mode (its batch statistics would move
-  the maps); and E_exp changing in stage 2. E_id is still trained: through z_id
-  in t, its only path into the MI terms now (zeta = 0).
+@pytest.mark.parametrize("critic_input", models.ID_CRITIC_INPUTS)
+def test_stage2_critics_score_the_map_of_the_encoder_and_stage_asked_for(setup,
+                                                                         critic_input):
+  """Catches `model.id_critic_input` being ignored (either way), taking the
+  maps at stage 1's critic stages instead of `id_critic_stage`, or running the
+  frozen E_exp in training mode (its batch statistics would move the maps);
+  and E_exp changing in stage 2. E_id is trained either way (zeta = 0: with
+  E_exp's maps, through z_id in t alone).
 
   Stage 1's critics here score stage 3, stage 2's stage 2: both widths differ,
-  so a map from the wrong stage or encoder fails on shape or value."""
+  so a map from the wrong stage fails on shape, from the wrong encoder on value."""
   config, _, _, _ = setup
   config = _config(config, zeta=0.0)
-  config.model.id_critic_input, config.model.id_critic_stage = "exp_encoder", 2
+  config.model.id_critic_input, config.model.id_critic_stage = critic_input, 2
   model = models.build_model(config.model, contract.NUM_CLASSES)
   assert (model.id_encoder.global_stage, model.id_encoder.local_stage) == (2, 2)
   assert (model.exp_encoder.global_stage, model.exp_encoder.local_stage) == (3, 3)
   params, batch_stats = models.init_variables(model, jax.random.PRNGKey(0), S)
   state = _state("stage2", config, params, batch_stats)
   batch = EasyPairs().batch(3)
-  expected = _stage2_mi_by_hand(model, state, batch, config.loss, "exp_encoder")
-  own = _stage2_mi_by_hand(model, state, batch, config.loss, "id_encoder")
-  assert abs(own["mi_local"] - expected["mi_local"]) > 1e-2, (own, expected)
+  expected = _stage2_mi_by_hand(model, state, batch, config.loss, critic_input)
+  other, = set(models.ID_CRITIC_INPUTS) - {critic_input}
+  wrong = _stage2_mi_by_hand(model, state, batch, config.loss, other)
+  assert abs(wrong["mi_local"] - expected["mi_local"]) > 1e-2, (wrong, expected)
   new_state, metrics = _jit_step("stage2", config, model)(state, batch)
   _assert_metrics_match(metrics, expected)
   assert not _same(new_state.params["id_encoder"], state.params["id_encoder"])
