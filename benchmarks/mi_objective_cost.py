@@ -47,6 +47,7 @@ def main(argv):
       state = jax.eval_shape(lambda: steps.create_state(
           stage, params, batch_stats, optimizers, jax.random.PRNGKey(0)))
       started = time.time()
+      critic_encoder = "id_encoder" if stage == "stage2" else "exp_encoder"
       compiled = jax.jit(steps.make_step(stage, model, config, optimizers)).lower(
           state, batch).compile()
       cost = compiled.cost_analysis()
@@ -54,8 +55,12 @@ def main(argv):
       memory = compiled.memory_analysis()
       print(json.dumps(dict(
           stage=stage, estimator=estimator, batch_size=b, image_size=s,
-          width=config.model.width, local_stage=config.model.local_stage,
-          global_stage=config.model.global_stage,
+          width=config.model.width,
+          # The critic stages this stage's critics score (and, in stage 2, whose map).
+          local_stage=getattr(model, critic_encoder).local_stage,
+          global_stage=getattr(model, critic_encoder).global_stage,
+          **({"id_critic_input": config.model.id_critic_input}
+             if stage == "stage2" else {}),
           gflops=round(float(cost.get("flops", float("nan"))) / 1e9, 1),
           temp_mib=round(getattr(memory, "temp_size_in_bytes", 0) / 2**20, 1),
           compile_s=round(time.time() - started, 1))), flush=True)

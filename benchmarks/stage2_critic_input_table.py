@@ -25,6 +25,7 @@ fold's people, 64 principal components; higher = more identity):
 - z_id, variant: the retrained stage 2.
 The script refuses a variant line whose z_exp probe differs from the protocol's:
 then the two did not start from the same E_exp or were not probed alike.
+`--against=PREFIX` adds the fold-by-fold difference from another variant's lines.
 """
 
 import argparse
@@ -53,16 +54,23 @@ def _interval(values, level=0.95) -> str:
   return f"{d.mean():+.3f} [{d.mean() - half:+.3f}, {d.mean() + half:+.3f}]"
 
 
-def table(protocol_dir: str, variant_prefix: str) -> str:
+def _variant_line(prefix: str, fold: int) -> dict | None:
+  path = f"{prefix}_fold{fold}.json"
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def table(protocol_dir: str, variant_prefix: str, against_prefix: str = "") -> str:
   rows = _protocol_rows(protocol_dir)
   folds = sorted(fold for (name, fold) in rows if name == "dicefer")
-  per_fold, changes = [], None
+  per_fold, changes, against_changes = [], None, None
   for fold in folds:
     path = f"{variant_prefix}_fold{fold}.json"
-    if not os.path.exists(path):
+    variant = _variant_line(variant_prefix, fold)
+    if variant is None:
       continue
-    with open(path) as f:
-      variant = json.load(f)
     changes = variant["changes"]
     dicefer, untrained = rows[("dicefer", fold)], rows[("dicefer_warmup_only", fold)]
     probe = variant["trained"]["pca_matched"]
@@ -74,6 +82,13 @@ def table(protocol_dir: str, variant_prefix: str) -> str:
                          untrained=untrained["leakage_id"], own=dicefer["leakage_id"],
                          variant=probe["z_id"], chance=dicefer["leakage_chance"],
                          mi=variant["curve"][-1]))
+    if against_prefix:
+      other = _variant_line(against_prefix, fold)
+      if other is None:
+        raise SystemExit(f"{against_prefix}_fold{fold}.json is missing: --against "
+                         "needs a line for every fold the variant has")
+      against_changes = other["changes"]
+      per_fold[-1]["against"] = other["trained"]["pca_matched"]["z_id"]
   if not per_fold:
     raise SystemExit(f"no {variant_prefix}_fold*.json for the folds of {protocol_dir}")
   cols = ("z_exp", "untrained", "own", "variant")
@@ -93,6 +108,9 @@ def table(protocol_dir: str, variant_prefix: str) -> str:
             "| z_exp | z_id untrained | z_id, own maps |", "|---|---|---|",
             f"| {diff('variant', 'z_exp')} | {diff('variant', 'untrained')} | "
             f"{diff('variant', 'own')} |"]
+  if against_prefix:
+    lines += ["", f"z_id with the variant minus z_id with {', '.join(against_changes)}: "
+              f"{diff('variant', 'against')}"]
   return "\n".join(lines)
 
 
@@ -101,8 +119,10 @@ def main():
   parser.add_argument("--protocol", required=True, help="a finished protocol's workdir")
   parser.add_argument("--variant", required=True,
                       help="prefix of the variant's lines: PREFIX_fold<k>.json")
+  parser.add_argument("--against", default="",
+                      help="prefix of another variant's lines, compared fold by fold")
   args = parser.parse_args()
-  print(table(args.protocol, args.variant))
+  print(table(args.protocol, args.variant, args.against))
 
 
 if __name__ == "__main__":

@@ -259,8 +259,8 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
       params = {**state.params, **trainable}
       out, new_stats = _encode(model.id_encoder, params, state.batch_stats,
                                "id_encoder", images, train=True)
-      _check_critic_inputs(out, 2 * b)
       scored = exp_out if critic_input == "exp_encoder" else out
+      _check_critic_inputs(scored, 2 * b)
       t = jnp.concatenate([z_exp, out.code], axis=-1)
       global_score = lambda x, z: model.id_global_critic.apply(
           {"params": params["id_global_critic"]}, x, z)
