@@ -133,7 +133,7 @@ def from_saved(saved: dict) -> ml_collections.ConfigDict:
     if isinstance(value, list):
       return tuple(untuple(v) for v in value)
     return value
-  return ml_collections.ConfigDict(_backfilled(untuple(saved)))
+  return ml_collections.ConfigDict(untuple(_backfilled(saved)))
 
 
 def _backfilled(saved: dict) -> dict:
