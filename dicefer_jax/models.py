@@ -22,8 +22,8 @@ linear in z by construction, but E_id is trained end to end and can make it so
 through its later stages (the residual paths): measured after stage 2 on the
 demo, z_id was linear in the pooled stage-3 map to a 0.4% residual (28% for the
 same E_id at initialisation), so moving the critics' input earlier does not by
-itself remove the shortcut (benchmarks/identity_code_control.py). Stage 2's
-critics can instead score the frozen E_exp's map (`model.id_critic_input`), at a
+itself remove the shortcut (benchmarks/identity_code_control.py). So stage 2's
+critics score, by default, the frozen E_exp's map (`model.id_critic_input`), at a
 stage of their own (`model.id_critic_stage`, which sets E_id's `local_stage` /
 `global_stage`: E_id's maps are then unused, E_exp's are taken at those stages).
 """
