@@ -27,7 +27,7 @@ import optax
 
 from dicefer_jax import mi
 from dicefer_jax.errors import UserError
-from dicefer_jax.models import DiceferModel
+from dicefer_jax.models import ID_CRITIC_INPUTS, DiceferModel
 
 # What each stage trains, by optimizer. Everything else is frozen in that stage.
 TRAINABLE = {
@@ -235,7 +235,7 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
   # parameters: which maps an encoder returns is not part of its weights).
   exp_encoder = model.exp_encoder.clone(local_stage=model.id_encoder.local_stage,
                                         global_stage=model.id_encoder.global_stage)
-  if critic_input not in ("id_encoder", "exp_encoder"):
+  if critic_input not in ID_CRITIC_INPUTS:
     raise ValueError(f"unknown critic_input {critic_input!r}")
 
   def disc_logits(params, z_exp, z_id, perm):
