@@ -2,8 +2,10 @@ r"""What each MI objective (`loss.estimator`) costs a training step: XLA's FLOP 
 and temporary memory of the compiled stage-1 / stage-2 step, per estimator.
 
 InfoNCE scores every image against every code of the batch (B x B pairs), so its
-critics cost B times DV's; the global critic is a small MLP, the local one runs
-its 1x1 convs at every position of the map. This compiles (never runs) the steps
+concat critics cost B times DV's; the global critic is a small MLP, the local one
+runs its 1x1 convs at every position of the map. Separable critics
+(`--config.model.critic=separable`) embed each image and each code once and
+score all pairs with one matmul, whatever the estimator. This compiles (never runs) the steps
 at a config's sizes, on whatever device JAX has, and prints one JSON line each.
 
   python benchmarks/mi_objective_cost.py [--config=experiments/configs/default.py] \
@@ -55,7 +57,7 @@ def main(argv):
       memory = compiled.memory_analysis()
       print(json.dumps(dict(
           stage=stage, estimator=estimator, batch_size=b, image_size=s,
-          width=config.model.width,
+          width=config.model.width, critic=config.model.critic,
           # The critic stages this stage's critics score (and, in stage 2, whose map).
           local_stage=getattr(model, critic_encoder).local_stage,
           global_stage=getattr(model, critic_encoder).global_stage,

@@ -2,16 +2,23 @@ r"""Stage 1 from random weights, per MI estimator: the curves, from the runs' ow
 
 Plots, against the step, what each stage-1 run logged in its metrics.jsonl: the DV
 estimate of the global and local cross-MI terms (`mi_global`, `mi_local`, logged
-as DV whatever objective trains) and the L1 distance between the pair's codes
-(`l1`: near 0 when the codes have collapsed to one point). Runs (demo size):
+as DV whatever objective trains), the local term's trained objective
+(`objective_local`: the DV, JSD or InfoNCE value; the DV estimate on an
+InfoNCE-trained separable critic is loose far below it, tests/test_mi.py) and
+the L1 distance between the pair's codes (`l1`: near 0 when the codes have
+collapsed to one point). Runs (demo size), with each critic form:
 
-  for e in dv jsd infonce; do
+  for c in concat separable; do for e in dv jsd infonce; do
     python -m experiments.run --config=experiments/configs/demo.py \
-        --workdir=runs/random_init_$e --stage=1 --config.stage1.init_from= \
-        --config.loss.estimator=$e --config.stage1.num_steps=600 --config.log_every=20
-  done
-  python benchmarks/random_init_curves.py --runs=dv=runs/random_init_dv,\
-jsd=runs/random_init_jsd,infonce=runs/random_init_infonce \
+        --workdir=runs/random_init_${c}_$e --stage=1 --config.stage1.init_from= \
+        --config.model.critic=$c --config.loss.estimator=$e \
+        --config.stage1.num_steps=600 --config.log_every=20
+  done; done
+  python benchmarks/random_init_curves.py \
+      --runs="concat DV=runs/random_init_concat_dv,concat JSD=runs/random_init_concat_jsd,\
+concat InfoNCE=runs/random_init_concat_infonce,separable DV=runs/random_init_separable_dv,\
+separable JSD=runs/random_init_separable_jsd,\
+separable InfoNCE=runs/random_init_separable_infonce" \
       [--reference="warm start=runs/demo"] --out=docs/random_init_curves.png
 """
 
@@ -32,6 +39,7 @@ _OUT = flags.DEFINE_string("out", None, "Where the PNG goes.", required=True)
 
 PANELS = (("mi_global", "global cross-MI, DV (nats)"),
           ("mi_local", "local cross-MI, DV (nats)"),
+          ("objective_local", "local term as trained (DV, JSD or InfoNCE)"),
           ("l1", "L1 between z_M and z_N"))
 
 

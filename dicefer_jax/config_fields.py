@@ -114,10 +114,11 @@ def differences(a, b) -> list[str]:
 # its own model. (Before model.global_stage, the global critics scored the last
 # stage's pooled map; before seen_holdout, every training image trained; before
 # model.id_critic_input / id_critic_stage, stage 2's critics scored E_id's own
-# maps at the stages stage 1's critics used.)
+# maps at the stages stage 1's critics used; before model.critic, every critic
+# was a concat MLP.)
 _SAVED_BEFORE_FIELD_EXISTED = {"model.global_stage": 4, "seen_holdout": 0.0,
                                "model.id_critic_input": "id_encoder",
-                               "model.id_critic_stage": 0}
+                               "model.id_critic_stage": 0, "model.critic": "concat"}
 
 
 def from_saved(saved: dict) -> ml_collections.ConfigDict:

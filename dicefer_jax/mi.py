@@ -19,6 +19,7 @@ import jax.numpy as jnp
 from dicefer_jax.errors import UserError
 
 ScoreFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, z) -> (B,) scores
+PairwiseFn = Callable[[jax.Array, jax.Array], jax.Array]  # (x, z) -> (B, B) scores
 
 # The training objectives `config.loss.estimator` may name.
 ESTIMATORS = ("dv", "jsd", "infonce")
@@ -134,18 +135,29 @@ def add_estimates(*terms: MIEstimate) -> MIEstimate:
 
 
 def mutual_information(score_fn: ScoreFn, x: jax.Array, z: jax.Array,
-                       permutation: jax.Array, estimator: str = "dv") -> MIEstimate:
+                       permutation: jax.Array, estimator: str = "dv",
+                       pairwise_fn: PairwiseFn | None = None) -> MIEstimate:
   """I(x; z) from one batch: the DV estimate and the `estimator` objective.
 
   Both come from the same critic scores. The DV estimate always pairs x_i with
   z[permutation[i]] for its marginal samples, whatever the objective, so that
   it is the same number for a given critic: with "infonce" those pairs are read
-  off the B x B matrix the objective needs anyway.
+  off the B x B matrix the objective needs anyway. `pairwise_fn`, when the
+  critic has one (a separable critic's single matmul), gives that matrix, and
+  then every objective reads its scores off it: the same numbers as score_fn's.
   """
   check_estimator(estimator)
   b = x.shape[0]
   chex.assert_axis_dimension(z, 0, b)
   chex.assert_shape(permutation, (b,))
+  if pairwise_fn is not None:
+    scores = pairwise_fn(x, z)
+    chex.assert_shape(scores, (b, b))
+    joint, marginal = jnp.diagonal(scores), scores[jnp.arange(b), permutation]
+    dv = dv_lower_bound(joint, marginal)
+    objective = {"dv": lambda: dv, "jsd": lambda: jsd_lower_bound(joint, marginal),
+                 "infonce": lambda: infonce_lower_bound(scores)}[estimator]()
+    return MIEstimate(dv, objective)
   if estimator == "infonce":
     scores = score_matrix(score_fn, x, z)
     joint, marginal = jnp.diagonal(scores), scores[jnp.arange(b), permutation]
@@ -166,7 +178,8 @@ def dv_mutual_information(score_fn: ScoreFn, x: jax.Array, z: jax.Array,
 
 def cross_mutual_information(score_fn: ScoreFn, x_m, x_n, z_m, z_n,
                              permutation: jax.Array, swap: bool = True,
-                             estimator: str = "dv") -> MIEstimate:
+                             estimator: str = "dv",
+                             pairwise_fn: PairwiseFn | None = None) -> MIEstimate:
   """I(M; z_N) + I(N; z_M) with the swap, or I(M; z_M) + I(N; z_N) without it.
 
   With the swap, image M's features are scored with its partner's code: only what
@@ -174,5 +187,6 @@ def cross_mutual_information(score_fn: ScoreFn, x_m, x_n, z_m, z_n,
   """
   if swap:
     z_m, z_n = z_n, z_m
-  return add_estimates(mutual_information(score_fn, x_m, z_m, permutation, estimator),
-                       mutual_information(score_fn, x_n, z_n, permutation, estimator))
+  term = lambda x, z: mutual_information(score_fn, x, z, permutation, estimator,
+                                         pairwise_fn)
+  return add_estimates(term(x_m, z_m), term(x_n, z_n))

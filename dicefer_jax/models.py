@@ -187,6 +187,54 @@ class LocalCritic(nn.Module):
     return jnp.mean(nn.Conv(1, (1, 1), name="score")(y), axis=(1, 2, 3))
 
 
+class SeparableCritic(nn.Module):
+  """Separable statistics network T(x, z) = <g(x), h(z)> / sqrt(d)
+  (`model.critic="separable"`), for the global and the local terms alike.
+
+  g and h are MLPs of the same depth and width as the concat critics', ending in
+  a d = `hidden` embedding. x is a pooled feature (B, C) or a map (B, H, W, C);
+  on a map g's hidden layers run at every position (Dense on the channel axis
+  is a 1x1 conv) and are averaged over positions before its last, linear layer,
+  so the score is the mean over positions of per-position scores, as in
+  `LocalCritic`. Why it exists: from random weights the concat critics never
+  left 0 nats in stage 1 (README, "Warm start"); a concat MLP has to learn the
+  x-z interaction before it scores anything, a dot product starts with it, as
+  in contrastive learning (CPC, Deep InfoMax's local "encode and dot product").
+  Every score of a batch is one matmul (`pairwise`), so InfoNCE's B x B
+  matrix costs no more than DV's 2B scores.
+  """
+
+  hidden: int = 512
+  num_hidden_layers: int = 2
+
+  def setup(self):
+    self.x_hidden = [nn.Dense(self.hidden) for _ in range(self.num_hidden_layers)]
+    self.z_hidden = [nn.Dense(self.hidden) for _ in range(self.num_hidden_layers)]
+    self.x_embed = nn.Dense(self.hidden)
+    self.z_embed = nn.Dense(self.hidden)
+
+  def _embed(self, x, z) -> tuple[jax.Array, jax.Array]:
+    gx, hz = x, z
+    for layer in self.x_hidden:
+      gx = nn.relu(layer(gx))
+    if gx.ndim == 4:  # a map: mean over positions (the last layer is linear)
+      gx = jnp.mean(gx, axis=(1, 2))
+    for layer in self.z_hidden:
+      hz = nn.relu(layer(hz))
+    # 1/sqrt(d) keeps initial scores O(1), whatever the width.
+    return self.x_embed(gx) / jnp.sqrt(float(self.hidden)), self.z_embed(hz)
+
+  def __call__(self, x, z) -> jax.Array:
+    """(B,) scores T(x_i, z_i)."""
+    gx, hz = self._embed(x, z)
+    return jnp.sum(gx * hz, axis=-1)
+
+  def pairwise(self, x, z) -> jax.Array:
+    """(B, B) scores S[i, j] = T(x_i, z_j): every image against every code."""
+    gx, hz = self._embed(x, z)
+    return gx @ hz.T
+
+
 class Discriminator(nn.Module):
   """D: 3 FC layers telling joint (z_exp, z_id) from shuffled pairs; returns logits."""
 
@@ -221,10 +269,11 @@ class DiceferModel(NamedTuple):
 
   exp_encoder: ResNet18Encoder
   id_encoder: ResNet18Encoder
-  exp_global_critic: GlobalCritic
-  exp_local_critic: LocalCritic
-  id_global_critic: GlobalCritic
-  id_local_critic: LocalCritic
+  # GlobalCritic / LocalCritic, or SeparableCritic for both (`model.critic`).
+  exp_global_critic: nn.Module
+  exp_local_critic: nn.Module
+  id_global_critic: nn.Module
+  id_local_critic: nn.Module
   discriminator: Discriminator
   classifier: Classifier
   # The supervised baseline's head: linear, on the pooled feature of exp_encoder.
@@ -245,6 +294,9 @@ def _check_stage(field: str, value, zero_means: str = "") -> None:
 
 # Whose trunk maps stage 2's critics score (`model.id_critic_input`).
 ID_CRITIC_INPUTS = ("id_encoder", "exp_encoder")
+# The statistics networks' form (`model.critic`): an MLP on concat[x, z] (Deep
+# InfoMax's global critic, MINE) or a dot product of two embeddings.
+CRITICS = ("concat", "separable")
 
 
 def build_model(model_config, num_classes: int) -> DiceferModel:
@@ -258,7 +310,8 @@ def build_model(model_config, num_classes: int) -> DiceferModel:
 
   Raises:
     UserError: `local_stage` or `global_stage` is not a stage 1-4,
-      `id_critic_stage` not 0-4, or `id_critic_input` not one of ID_CRITIC_INPUTS.
+      `id_critic_stage` not 0-4, `id_critic_input` not one of ID_CRITIC_INPUTS,
+      or `critic` not one of CRITICS.
   """
   c = model_config
   _check_stage("local_stage", c.local_stage)
@@ -267,13 +320,18 @@ def build_model(model_config, num_classes: int) -> DiceferModel:
   if c.id_critic_input not in ID_CRITIC_INPUTS:
     raise UserError(f"--config.model.id_critic_input={c.id_critic_input!r}: use one of "
                     f"{', '.join(ID_CRITIC_INPUTS)}, whose maps stage 2's critics score")
+  if c.critic not in CRITICS:
+    raise UserError(f"--config.model.critic={c.critic!r}: use one of "
+                    f"{', '.join(CRITICS)}, the form of the MI critics")
   dtype = jnp.bfloat16 if c.half_precision else jnp.float32
   id_local = c.id_critic_stage or c.local_stage
   id_global = c.id_critic_stage or c.global_stage
   encoder = lambda dim, local, glob: ResNet18Encoder(dim, c.width, local, dtype,
                                                      c.normalize_code, glob)
-  global_critic = GlobalCritic(c.critic_hidden)
-  local_critic = LocalCritic(c.critic_hidden)
+  if c.critic == "separable":
+    global_critic = local_critic = SeparableCritic(c.critic_hidden)
+  else:
+    global_critic, local_critic = GlobalCritic(c.critic_hidden), LocalCritic(c.critic_hidden)
   return DiceferModel(
       exp_encoder=encoder(c.exp_dim, c.local_stage, c.global_stage),
       id_encoder=encoder(c.id_dim, id_local, id_global),

@@ -14,6 +14,7 @@ mi_global / mi_local, the objective itself as objective_global / objective_local
 The global critics score the pooled map of `model.global_stage`, the local ones
 the map of `model.local_stage` (`models.EncoderOutput`); stage 2's critics those
 of `model.id_critic_stage`, from the encoder `model.id_critic_input` names.
+The critics are concat MLPs or separable dot products (`model.critic`).
 """
 
 import numbers
@@ -124,6 +125,19 @@ def _check_critic_inputs(out, num_images: int) -> None:
   chex.assert_axis_dimension(out.feature_map, 0, num_images)
 
 
+def _critic_fns(critic, params) -> tuple[Callable, Callable | None]:
+  """(score_fn, pairwise_fn) of a critic module with its parameters, for `mi`.
+
+  pairwise_fn is None for the concat critics; a separable one scores a whole
+  batch's pairs in one matmul (`models.SeparableCritic.pairwise`).
+  """
+  variables = {"params": params}
+  score = lambda x, z: critic.apply(variables, x, z)
+  if not hasattr(critic, "pairwise"):
+    return score, None
+  return score, lambda x, z: critic.apply(variables, x, z, method="pairwise")
+
+
 def _mi_metrics(mi_global: mi.MIEstimate, mi_local: mi.MIEstimate) -> dict:
   return dict(mi_global=mi_global.dv, mi_local=mi_local.dv,
               objective_global=mi_global.objective, objective_local=mi_local.objective)
@@ -158,14 +172,14 @@ def make_stage1_step(model: DiceferModel, loss_config, optimizers) -> Callable:
       f_m, f_n = jnp.split(out.critic_feature, 2)
       c_m, c_n = jnp.split(out.feature_map, 2)
       z_m, z_n = jnp.split(out.code, 2)
-      global_score = lambda x, z: model.exp_global_critic.apply(
-          {"params": params["exp_global_critic"]}, x, z)
-      local_score = lambda x, z: model.exp_local_critic.apply(
-          {"params": params["exp_local_critic"]}, x, z)
+      global_score, global_pairs = _critic_fns(model.exp_global_critic,
+                                               params["exp_global_critic"])
+      local_score, local_pairs = _critic_fns(model.exp_local_critic,
+                                             params["exp_local_critic"])
       mi_global = mi.cross_mutual_information(global_score, f_m, f_n, z_m, z_n, perm,
-                                              c.swap, c.estimator)
+                                              c.swap, c.estimator, global_pairs)
       mi_local = mi.cross_mutual_information(local_score, c_m, c_n, z_m, z_n, perm,
-                                             c.swap, c.estimator)
+                                             c.swap, c.estimator, local_pairs)
       # Mean over dimensions, not the sum: the pull between partners should not
       # grow with code_dim and swamp the MI terms (bounded by 2 log B).
       l1 = jnp.mean(jnp.abs(z_m - z_n))
@@ -262,16 +276,14 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
       scored = exp_out if critic_input == "exp_encoder" else out
       _check_critic_inputs(scored, 2 * b)
       t = jnp.concatenate([z_exp, out.code], axis=-1)
-      global_score = lambda x, z: model.id_global_critic.apply(
-          {"params": params["id_global_critic"]}, x, z)
-      local_score = lambda x, z: model.id_local_critic.apply(
-          {"params": params["id_local_critic"]}, x, z)
       # M's and N's images are two batches of B (perm_pair is a derangement of B).
-      term = lambda score, xs: mi.add_estimates(*(
-          mi.mutual_information(score, x, z, perm_pair, c.estimator)
+      term = lambda critic, xs: mi.add_estimates(*(
+          mi.mutual_information(critic[0], x, z, perm_pair, c.estimator, critic[1])
           for x, z in zip(jnp.split(xs, 2), jnp.split(t, 2))))
-      mi_global = term(global_score, scored.critic_feature)
-      mi_local = term(local_score, scored.feature_map)
+      mi_global = term(_critic_fns(model.id_global_critic, params["id_global_critic"]),
+                       scored.critic_feature)
+      mi_local = term(_critic_fns(model.id_local_critic, params["id_local_critic"]),
+                      scored.feature_map)
       joint, shuffled = disc_logits(params, z_exp, out.code, perm_all)
       fool = _bce_with_logits(joint, 0.0) + _bce_with_logits(shuffled, 1.0)
       loss = -(c.mu * mi_global.objective + c.nu * mi_local.objective) + c.zeta * fool

@@ -81,7 +81,7 @@ METHODS = ("dicefer", "baseline")
 DICEFER_ONLY = ("loss.", "stage1.", "stage2.", "stage3.", "train.disc_", "model.exp_dim",
                 "model.id_dim", "model.normalize_code", "model.critic_hidden",
                 "model.disc_hidden", "model.local_stage", "model.global_stage",
-                "model.id_critic_",
+                "model.id_critic_", "model.critic",
                 "model.classifier_")
 def _get(m: dict, *path):
   """m[path[0]][path[1]]..., or None when any step is missing or null."""

@@ -339,10 +339,13 @@ def test_a_field_a_workdir_predates_reads_as_what_it_trained_with_not_todays_def
   another stage, and the protocol would take an old run for the new setting."""
   defaults = default.get_config()
   defaults.model.id_critic_input, defaults.model.id_critic_stage = "exp_encoder", 2
+  defaults.model.critic = "separable"
   saved = json.loads(default.get_config().to_json_best_effort())
   del saved["model"]["id_critic_input"], saved["model"]["id_critic_stage"]
+  del saved["model"]["critic"]
   config = config_fields.with_defaults(saved, defaults)
   assert (config.model.id_critic_input, config.model.id_critic_stage) == ("id_encoder", 0)
+  assert config.model.critic == "concat"
   assert "id_critic_input" not in saved["model"]  # the caller's dict is left alone
   saved["model"]["id_critic_stage"] = 3
   assert config_fields.with_defaults(saved, defaults).model.id_critic_stage == 3

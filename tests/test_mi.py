@@ -224,6 +224,32 @@ def test_mutual_information_logs_dv_and_trains_on_the_estimator(estimator):
   np.testing.assert_allclose(float(got.objective), expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("estimator", mi.ESTIMATORS)
+def test_pairwise_scores_give_the_same_terms_as_scoring_each_pair(estimator):
+  """A separable critic hands `mutual_information` its whole B x B matrix; every
+  objective must read the same numbers off it as from scoring pairs one by one.
+  Catches a transposed matrix, marginal pairs read as S[perm[i], i] instead of
+  S[i, perm[i]], or a matrix from which the objective ignores the estimator."""
+  critic = models.SeparableCritic(hidden=8)
+  kx, ke, ki = jax.random.split(jax.random.PRNGKey(9), 3)
+  x = jax.random.normal(kx, (6, 4))
+  z = x + 0.5 * jax.random.normal(ke, (6, 4))
+  params = critic.init(ki, x, z)
+  # Scaled up so that every objective is far from the others and from 0.
+  params = jax.tree.map(lambda w: 3.0 * w, params)
+  score = lambda a, b: critic.apply(params, a, b)
+  pairwise = lambda a, b: critic.apply(params, a, b, method="pairwise")
+  perm = jnp.asarray([2, 0, 5, 1, 3, 4])
+  one_by_one = mi.mutual_information(score, x, z, perm, estimator)
+  from_matrix = mi.mutual_information(score, x, z, perm, estimator, pairwise)
+  transposed = mi.mutual_information(score, x, z, perm, estimator,
+                                     lambda a, b: pairwise(a, b).T)
+  np.testing.assert_allclose(from_matrix.dv, one_by_one.dv, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(from_matrix.objective, one_by_one.objective, rtol=1e-5,
+                             atol=1e-6)
+  assert abs(float(transposed.objective - one_by_one.objective)) > 1e-3
+
+
 def test_cross_mi_sums_both_fields_with_each_estimator():
   """Catches the two cross terms' sum concatenating tuples, or dropping a field."""
   keys = jax.random.split(jax.random.PRNGKey(8), 4)
@@ -260,20 +286,22 @@ def _gaussians(d, rho):
   return sample, -d / 2 * np.log(1 - rho ** 2)
 
 
-def _train_critic(estimator, sample, d, batch, num_steps, seed=0):
-  """A GlobalCritic trained to maximise `estimator` on fresh batches; returns a
+def _train_critic(estimator, sample, d, batch, num_steps, seed=0,
+                  critic=models.GlobalCritic(hidden=64)):
+  """`critic` trained to maximise `estimator` on fresh batches; returns a
   function (key, n, num_batches, estimator) -> (DV estimates, objectives), one per
   batch (pass "dv" for large batches: InfoNCE's matrix is n x n)."""
-  critic = models.GlobalCritic(hidden=64)
   params = critic.init(jax.random.PRNGKey(seed), jnp.zeros((1, d)), jnp.zeros((1, d)))
   tx = optax.adam(3e-3)
   opt_state = tx.init(params)
+  separable = isinstance(critic, models.SeparableCritic)
 
   def estimate(p, key, n, name):
     k_data, k_perm = jax.random.split(key)
     x, z = sample(k_data, n)
+    pairwise = (lambda a, b: critic.apply(p, a, b, method="pairwise")) if separable else None
     return mi.mutual_information(lambda a, b: critic.apply(p, a, b), x, z,
-                                 mi.marginal_permutation(k_perm, n), name)
+                                 mi.marginal_permutation(k_perm, n), name, pairwise)
 
   @jax.jit
   def step(p, opt_state, key):
@@ -326,6 +354,33 @@ def test_each_objective_trains_a_critic_to_the_gaussian_mutual_information(estim
     assert abs(np.mean(dv) - truth) < 0.1 * truth, (dv, truth)
   if estimator == "jsd":
     assert np.all(objective <= 0.0)  # the JSD surrogate is not in nats of MI
+
+
+@pytest.mark.parametrize("estimator", ["dv", "infonce"])
+def test_a_separable_critic_learns_the_gaussian_mutual_information(estimator):
+  """The same known answer (d = 2, rho = 0.8: 1.02 nats) for the separable
+  critic (`model.critic="separable"`). Catches a separable form that cannot
+  approach the density ratio or a pairwise path that trains on other scores
+  than it reports.
+
+  Measured at 800 steps (hidden 64): DV-trained, its DV estimate 0.82 (-20%:
+  a dot product of two embeddings fits the Gaussian log ratio less well than a
+  concat MLP, 0.99); InfoNCE-trained, InfoNCE 0.98 (-4%) but the DV estimate on
+  that critic -2.8: InfoNCE leaves the critic free up to any function of x,
+  which a separable critic uses freely, so a DV estimate logged under it is a
+  valid lower bound that says nothing. With infonce, read `objective_*`."""
+  d, rho = 2, 0.8
+  sample, truth = _gaussians(d, rho)
+  batch = 512 if estimator == "dv" else 128
+  evaluate = _train_critic(estimator, sample, d, batch, 800,
+                           critic=models.SeparableCritic(hidden=64))
+  dv, _ = evaluate(jax.random.PRNGKey(1), 8192, 5, "dv")
+  _, objective = evaluate(jax.random.PRNGKey(2), batch, 400)
+  assert np.mean(dv) < truth + 0.05 * truth, (dv, truth)
+  if estimator == "dv":
+    assert 0.7 * truth < np.mean(dv), (dv, truth)
+  else:
+    assert abs(np.mean(objective) - truth) < 0.1 * truth, (objective.mean(), truth)
 
 
 def test_infonce_cannot_certify_more_than_log_batch():

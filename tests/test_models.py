@@ -307,3 +307,75 @@ def test_critic_inputs_stay_float32_under_half_precision():
   out = model.exp_encoder.apply(variables, images, train=False)
   assert out.critic_feature.dtype == jnp.float32 and out.feature_map.dtype == jnp.float32
 
+
+
+# ---------------------------------------------------------------------------
+# model.critic = "separable": T(x, z) = <g(x), h(z)> / sqrt(d).
+# ---------------------------------------------------------------------------
+
+
+def _separable(x, z, seed=0):
+  critic = models.SeparableCritic(hidden=8)
+  params = critic.init(jax.random.PRNGKey(seed), x, z)
+  return (lambda a, b: critic.apply(params, a, b),
+          lambda a, b: critic.apply(params, a, b, method="pairwise"))
+
+
+@pytest.mark.parametrize("x_shape", [(5, 6), (5, 3, 2, 6)])
+def test_separable_critic_pairwise_is_every_image_against_every_code(x_shape):
+  """Catches a transposed matrix (codes as rows) or a diagonal that is not the
+  joint pairs: S[i, j] must be the score of image i with code j, for pooled
+  features and maps alike."""
+  kx, kz = jax.random.split(jax.random.PRNGKey(1))
+  x, z = jax.random.normal(kx, x_shape), jax.random.normal(kz, (5, 4))
+  score, pairwise = _separable(x, z)
+  s = np.asarray(pairwise(x, z))
+  assert s.shape == (5, 5)
+  for j in range(5):
+    np.testing.assert_allclose(s[:, j], score(x, jnp.tile(z[j], (5, 1))),
+                               rtol=1e-5, atol=1e-6)
+  assert np.max(np.abs(s - s.T)) > 1e-3  # else a transposed matrix would pass
+
+
+def test_separable_critic_on_a_map_is_the_mean_of_its_positions_scores():
+  """Catches pooling the map before the hidden layers (a linear critic of the
+  mean feature) instead of scoring every position: the local critic's score is
+  the mean of the per-position scores, as LocalCritic's is."""
+  kx, kz = jax.random.split(jax.random.PRNGKey(2))
+  fmap, z = jax.random.normal(kx, (4, 3, 3, 6)), jax.random.normal(kz, (4, 4))
+  score, _ = _separable(fmap, z)
+  per_position = [score(fmap[:, i:i + 1, j:j + 1], z) for i in range(3) for j in range(3)]
+  np.testing.assert_allclose(score(fmap, z), np.mean(per_position, axis=0),
+                             rtol=1e-5, atol=1e-6)
+  pooled_first = score(jnp.mean(fmap, axis=(1, 2), keepdims=True), z)
+  assert np.max(np.abs(pooled_first - score(fmap, z))) > 1e-3
+
+
+def test_critic_field_builds_separable_critics_for_every_mi_term():
+  """Catches model.critic being ignored, or applied to some critics only: all
+  four are SeparableCritic, sized by critic_hidden, their x side taking the
+  configured stage's channels (global 3, local 4) and their z side the code."""
+  config, model = _tiny_model(3, 4, critic="separable")
+  names = ("exp_global_critic", "exp_local_critic", "id_global_critic", "id_local_critic")
+  assert all(isinstance(getattr(model, n), models.SeparableCritic) for n in names)
+  params, _ = models.init_variables(model, jax.random.PRNGKey(0), 32)
+  channels = lambda stage: config.width * (1, 2, 4, 8)[stage - 1]
+  t_width = config.exp_dim + config.id_dim
+  shape = lambda name, part: params[name][part]["kernel"].shape
+  assert shape("exp_global_critic", "x_hidden_0") == (channels(3), config.critic_hidden)
+  assert shape("exp_local_critic", "x_hidden_0") == (channels(4), config.critic_hidden)
+  assert shape("exp_global_critic", "z_hidden_0") == (config.exp_dim, config.critic_hidden)
+  assert shape("id_local_critic", "z_hidden_0") == (t_width, config.critic_hidden)
+  assert shape("id_local_critic", "z_embed") == (config.critic_hidden,) * 2
+  _, concat = _tiny_model(3, 4)
+  assert isinstance(concat.exp_global_critic, models.GlobalCritic)
+  assert isinstance(concat.exp_local_critic, models.LocalCritic)
+
+
+def test_unknown_critic_is_a_one_line_user_error():
+  config = tiny.get_config().model
+  config.critic = "bilinear"
+  with pytest.raises(UserError, match=r"^--config\.model\.critic='bilinear': use one of "
+                     r"concat, separable") as e:
+    models.build_model(config, 7)
+  assert "\n" not in str(e.value)

@@ -542,6 +542,46 @@ def test_stage2_critics_score_the_map_of_the_encoder_and_stage_asked_for(setup,
   assert _same(new_state.batch_stats["exp_encoder"], state.batch_stats["exp_encoder"])
 
 
+def test_separable_critics_train_both_mi_stages_on_the_same_terms(setup):
+  """With model.critic="separable" the steps read every score off one B x B
+  matmul per term (`SeparableCritic.pairwise`); the by-hand terms score pair by
+  pair (`__call__`). Catches a term handed another critic's matrix (global for
+  local, stage 1's for stage 2's), codes and maps paired wrongly on the matmul
+  path, or an objective that does not reach the encoder it trains. (How each
+  objective reads the matrix: tests/test_mi.py. InfoNCE here, the objective
+  separable critics are for.)
+
+  The critics' embeddings are scaled up so that at initialisation every
+  objective is far from the DV estimate."""
+  config, _, _, _ = setup
+  estimator = "infonce"
+  config = _config(config, estimator=estimator, delta=0.0, zeta=0.0)
+  config.model.critic = "separable"
+  model = models.build_model(config.model, contract.NUM_CLASSES)
+  params, batch_stats = models.init_variables(model, jax.random.PRNGKey(0), S)
+  for name in ("exp_global_critic", "exp_local_critic", "id_global_critic",
+               "id_local_critic"):
+    params[name] = dict(params[name], **{
+        part: jax.tree.map(lambda w: 6.0 * w, params[name][part])
+        for part in ("x_embed", "z_embed")})
+  batch = EasyPairs().batch(5)
+  for stage, by_hand, trained in (
+      ("stage1", lambda st: _stage1_loss_by_hand(model, st, batch, config.loss, True),
+       "exp_encoder"),
+      ("stage2", lambda st: _stage2_mi_by_hand(model, st, batch, config.loss,
+                                               config.model.id_critic_input),
+       "id_encoder")):
+    state = _state(stage, config, params, batch_stats)
+    expected = by_hand(state)
+    for kind in ("global", "local"):
+      assert abs(expected[f"mi_{kind}"]) > 1e-2, (stage, expected)
+      assert abs(expected[f"objective_{kind}"] - expected[f"mi_{kind}"]) > 1e-2, (
+          stage, expected)
+    new_state, metrics = _jit_step(stage, config, model)(state, batch)
+    _assert_metrics_match(metrics, expected)
+    assert not _same(new_state.params[trained], state.params[trained]), stage
+
+
 # ---------------------------------------------------------------------------
 # Stage 3 and the baseline: what they train.
 # ---------------------------------------------------------------------------

@@ -72,6 +72,11 @@ def get_config() -> ml_collections.ConfigDict:
       id_critic_input="exp_encoder",
       id_critic_stage=3,
       normalize_code=False,  # batch-standardise z (BatchNorm without scale or bias)
+      # The MI critics' form, every stage: "concat" (an MLP on concat[x, z], as in
+      # MINE and Deep InfoMax's global critic) or "separable" (<g(x), h(z)>, two
+      # MLPs and a dot product). From random weights only separable critics with
+      # loss.estimator="infonce" got stage 1 off 0 nats (README, "Warm start").
+      critic="concat",
       critic_hidden=512,
       disc_hidden=512,
       classifier_hidden=(256,),
