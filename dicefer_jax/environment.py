@@ -93,10 +93,12 @@ def enable_compilation_cache(cache_root: str, enabled: bool = True) -> str | Non
   import jax  # pylint: disable=g-import-not-at-top
   if not enabled or compilation_cache_disabled():
     return None
+  # Whichever directory is used: with JAX's 1 s threshold a directory exported
+  # as JAX_COMPILATION_CACHE_DIR would keep none of the many small programs.
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_COMPILE_SECS)
   if jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR or a caller
     return jax.config.jax_compilation_cache_dir
   cache_dir = os.path.join(cache_root, "jax_cache")
   jax.config.update("jax_compilation_cache_dir", cache_dir)
-  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", _CACHE_MIN_COMPILE_SECS)
   return cache_dir

@@ -83,18 +83,26 @@ def test_the_cache_can_be_turned_off(monkeypatch, tmp_path):
   assert not os.listdir(tmp_path)
 
 
-def test_an_exported_jax_cache_dir_wins(monkeypatch, tmp_path):
+def test_an_exported_jax_cache_dir_wins_and_still_keeps_small_programs(monkeypatch,
+                                                                       tmp_path):
   """Catches the project's default overriding a cache the user chose
-  (JAX_COMPILATION_CACHE_DIR, which JAX reads into its config)."""
+  (JAX_COMPILATION_CACHE_DIR, which JAX reads into its config), and such a
+  cache keeping only programs that compile for over JAX's default 1 s (then an
+  evaluation after training compiles the model's ~170 small programs again)."""
   monkeypatch.delenv(environment.COMPILATION_CACHE_ENV, raising=False)
+  monkeypatch.delenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", raising=False)
   chosen = str(tmp_path / "mine")
   before = jax.config.jax_compilation_cache_dir
+  before_threshold = jax.config.jax_persistent_cache_min_compile_time_secs
   jax.config.update("jax_compilation_cache_dir", chosen)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
   try:
     assert environment.enable_compilation_cache(str(tmp_path / "project")) == chosen
     assert jax.config.jax_compilation_cache_dir == chosen
+    assert jax.config.jax_persistent_cache_min_compile_time_secs == 0.0
   finally:
     jax.config.update("jax_compilation_cache_dir", before)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", before_threshold)
   assert not os.path.exists(tmp_path / "project")
 
 
