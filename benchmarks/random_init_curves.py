@@ -76,9 +76,10 @@ def main(argv):
   for ax, (_, title) in zip(axes, PANELS):
     ax.set_title(title, fontsize=10)
     ax.set_xlabel("stage-1 step")
-  axes[0].legend(fontsize=8)
+  # Beside the panels, not over a curve.
+  axes[-1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
   fig.tight_layout()
-  fig.savefig(_OUT.value, dpi=110)
+  fig.savefig(_OUT.value, dpi=110, bbox_inches="tight")
   print(f"wrote {_OUT.value}")
 
 

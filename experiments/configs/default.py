@@ -74,8 +74,10 @@ def get_config() -> ml_collections.ConfigDict:
       normalize_code=False,  # batch-standardise z (BatchNorm without scale or bias)
       # The MI critics' form, every stage: "concat" (an MLP on concat[x, z], as in
       # MINE and Deep InfoMax's global critic) or "separable" (<g(x), h(z)>, two
-      # MLPs and a dot product). From random weights only separable critics with
-      # loss.estimator="infonce" got stage 1 off 0 nats (README, "Warm start").
+      # MLPs and a dot product). From random weights, at demo size, only
+      # separable critics with loss.estimator="infonce" got stage 1 off 0 nats:
+      # on the confounded set, and on the balanced one with loss.delta=0
+      # (README, "Warm start").
       critic="concat",
       critic_hidden=512,
       disc_hidden=512,
