@@ -6,7 +6,8 @@ split) is compared here instead, from each run's protocol.json: one row per
 variant with its per-fold mean ± std, then every variant minus the reference
 (the first), fold by fold, as a mean and 95% t-interval. Only folds every
 variant finished are used, and the script refuses protocols whose splits
-differ (another face set, fold count or split seed).
+(another face set, fold count or split seed) or evaluation settings differ.
+The numbers are experiments.protocol's own (`summarize`, `paired_differences`).
 
   python benchmarks/protocol_compare.py \
       --variant="random init, separable, InfoNCE=runs/protocol_random_init:dicefer" \
@@ -19,21 +20,15 @@ import argparse
 import json
 import os
 
-import numpy as np
-from scipy import stats
+from experiments import protocol
 
-# (protocol.json metric key, column header, digits)
-# (experiments.protocol.METRICS keys.)
-COLUMNS = (("accuracy", "accuracy, unseen people", 3),
-           ("seen_accuracy", "accuracy, seen people", 3),
-           ("seen_gap", "seen - unseen (points)", 1),
-           ("leakage", "identity leakage of the expression representation", 3),
-           ("leakage_id", "identity leakage of z_id", 3),
-           ("retrieval", "retrieval@6", 3))
+# experiments.protocol.METRICS keys, with protocol.HEADLINE's headers.
+COLUMNS = ("accuracy", "seen_accuracy", "seen_gap", "leakage", "leakage_id", "retrieval")
 
 
-def _read(spec: str) -> tuple[str, dict, dict]:
-  """'LABEL=DIR:VARIANT' -> (label, {fold: metrics}, the protocol's split)."""
+def _read(spec: str) -> tuple[str, list[dict], dict]:
+  """'LABEL=DIR:VARIANT' -> (label, its finished rows renamed LABEL, what must
+  match between protocols: split and evaluation settings)."""
   label, sep, rest = spec.partition("=")
   directory, sep2, variant = rest.rpartition(":")
   if not (sep and sep2 and label and directory and variant):
@@ -43,56 +38,49 @@ def _read(spec: str) -> tuple[str, dict, dict]:
     raise SystemExit(f"{path} not found: run experiments.protocol there first")
   with open(path) as f:
     report = json.load(f)
-  folds = {row["fold"]: row["metrics"] for row in report["rows"]
-           if row["variant"] == variant and row.get("status") in ("ran", "reused")}
-  if not folds:
+  rows = [dict(row, variant=label) for row in protocol._done(report["rows"], variant)]  # pylint: disable=protected-access
+  if not rows:
     raise SystemExit(f"{path} has no finished runs of variant {variant!r}")
-  split = dict(kind=report["split_kind"], note=report["split_note"],
-               data_dir=report["data_dir"])
-  return label, folds, split
-
-
-def _mean_std(values, digits: int) -> str:
-  v = np.asarray(values, np.float64)
-  return f"{v.mean():.{digits}f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.{digits}f}"
-
-
-def _interval(values, digits: int) -> str:
-  d = np.asarray(values, np.float64)
-  if len(d) < 2:
-    return f"{d.mean():+.{digits}f}"
-  half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
-  return f"{d.mean():+.{digits}f} [{d.mean() - half:+.{digits}f}, {d.mean() + half:+.{digits}f}]"
+  setting = dict(kind=report["split_kind"], note=report["split_note"],
+                 data_dir=report["data_dir"], eval_settings=report.get("eval_settings"))
+  return label, rows, setting
 
 
 def table(specs: list[str]) -> str:
-  variants = [_read(spec) for spec in specs]
-  splits = {json.dumps(split, sort_keys=True) for _, _, split in variants}
-  if len(splits) > 1:
-    raise SystemExit("the protocols were run on different splits: "
-                     + " | ".join(sorted(splits)))
-  folds = sorted(set.intersection(*(set(f) for _, f, _ in variants)), key=str)
+  read = [_read(spec) for spec in specs]
+  settings = {json.dumps(setting, sort_keys=True) for _, _, setting in read}
+  if len(settings) > 1:
+    raise SystemExit("the protocols were run on different splits or evaluated "
+                     "differently: " + " | ".join(sorted(settings)))
+  folds = set.intersection(*({r["fold"] for r in rows} for _, rows, _ in read))
   if not folds:
     raise SystemExit("no fold was finished by every variant")
-  present = [c for c in COLUMNS
-             if all(f[fold].get(c[0]) is not None for _, f, _ in variants for fold in folds)]
-  split = json.loads(splits.pop())
-  lines = [f"{split['kind']} split ({split['note']}); folds {', '.join(map(str, folds))}. "
-           "Mean ± std over folds:", "",
-           "| variant | " + " | ".join(header for _, header, _ in present) + " |",
-           "|---|" + "---|" * len(present)]
-  for label, f, _ in variants:
-    lines.append(f"| {label} | " + " | ".join(
-        _mean_std([f[fold][key] for fold in folds], digits)
-        for key, _, digits in present) + " |")
-  reference, ref_folds, _ = variants[0]
-  lines += ["", f"{reference} minus each variant, fold by fold: mean [95% t-interval]", "",
-            "| variant | " + " | ".join(header for _, header, _ in present) + " |",
-            "|---|" + "---|" * len(present)]
-  for label, f, _ in variants[1:]:
-    lines.append(f"| {label} | " + " | ".join(
-        _interval([ref_folds[fold][key] - f[fold][key] for fold in folds], digits)
-        for key, _, digits in present) + " |")
+  rows = [r for _, variant_rows, _ in read for r in variant_rows if r["fold"] in folds]
+  # The same means and fold-by-fold t-intervals as each protocol's own tables.
+  variants = [protocol.Variant(label, "") for label, _, _ in read]
+  summary = protocol.summarize(rows, variants)
+  paired = protocol.paired_differences(rows, variants)
+  split = json.loads(settings.pop())
+  k = (split["eval_settings"] or {}).get("retrieval_k", "k")
+  headers = {key: header.replace("@k", f"@{k}") for key, header in protocol.HEADLINE}
+  present = [key for key in COLUMNS
+             if all(summary[v.name][key]["mean"] is not None for v in variants)]
+  digits = protocol._digits  # pylint: disable=protected-access
+  head = ["| variant | " + " | ".join(headers[key] for key in present) + " |",
+          "|---|" + "---|" * len(present)]
+  lines = [f"{split['kind']} split ({split['note']}); folds "
+           f"{', '.join(map(str, sorted(folds, key=str)))}. Mean ± std over folds:", "",
+           *head]
+  for v in variants:
+    lines.append(f"| {v.name} | " + " | ".join(
+        protocol._headline_cell(summary[v.name][key], digits(key))  # pylint: disable=protected-access
+        for key in present) + " |")
+  lines += ["", f"{variants[0].name} minus each variant, fold by fold: mean [95% "
+            "t-interval]", "", *head]
+  for v in variants[1:]:
+    lines.append(f"| {v.name} | " + " | ".join(
+        protocol._headline_difference(paired[v.name].get(key), digits(key))  # pylint: disable=protected-access
+        for key in present) + " |")
   return "\n".join(lines) + "\n"
 
 

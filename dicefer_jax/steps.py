@@ -276,14 +276,15 @@ def make_stage2_step(model: DiceferModel, loss_config, optimizers,
       scored = exp_out if critic_input == "exp_encoder" else out
       _check_critic_inputs(scored, 2 * b)
       t = jnp.concatenate([z_exp, out.code], axis=-1)
-      # M's and N's images are two batches of B (perm_pair is a derangement of B).
-      term = lambda critic, xs: mi.add_estimates(*(
-          mi.mutual_information(critic[0], x, z, perm_pair, c.estimator, critic[1])
-          for x, z in zip(jnp.split(xs, 2), jnp.split(t, 2))))
-      mi_global = term(_critic_fns(model.id_global_critic, params["id_global_critic"]),
-                       scored.critic_feature)
-      mi_local = term(_critic_fns(model.id_local_critic, params["id_local_critic"]),
-                      scored.feature_map)
+      def term(name, xs):
+        # M's and N's images are two batches of B (perm_pair is a derangement of B).
+        score, pairwise = _critic_fns(getattr(model, name), params[name])
+        return mi.add_estimates(*(
+            mi.mutual_information(score, x, z, perm_pair, c.estimator, pairwise)
+            for x, z in zip(jnp.split(xs, 2), jnp.split(t, 2))))
+
+      mi_global = term("id_global_critic", scored.critic_feature)
+      mi_local = term("id_local_critic", scored.feature_map)
       joint, shuffled = disc_logits(params, z_exp, out.code, perm_all)
       fool = _bce_with_logits(joint, 0.0) + _bce_with_logits(shuffled, 1.0)
       loss = -(c.mu * mi_global.objective + c.nu * mi_local.objective) + c.zeta * fool
