@@ -18,7 +18,7 @@ so stage 2 is compared with stage 1 held fixed.
 
   python benchmarks/stage2_identity.py --workdir=/tmp/critics_s33 \
       --set=model.global_stage=2 --set=model.local_stage=2 [--set=loss.zeta=0] \
-      [--steps=300] [--control]
+      [--steps=300] [--control] [--nuisance]
 """
 
 from dicefer_jax import environment  # noqa: F401  (sets XLA/TF flags; must come first)
@@ -30,10 +30,10 @@ from absl import app
 from absl import flags
 import jax
 import numpy as np
-
-from dicefer_jax import checkpoints, config_fields, models, steps, train
+from data_tools import synthetic_nuisance
+from dicefer_jax import checkpoints, config_fields, models, splits, steps, train
 from dicefer_jax import workdir as workdir_lib
-from dicefer_jax.evaluation import evaluator
+from dicefer_jax.evaluation import attribute_probe, evaluator
 from experiments import face_sets
 from experiments.configs import default
 
@@ -43,6 +43,11 @@ _SET = flags.DEFINE_multi_string("set", [], "FIELD=VALUE: a config change for st
                                  "e.g. model.global_stage=2 or loss.estimator=jsd.")
 _STEPS = flags.DEFINE_integer("steps", 0, "Stage-2 steps (0 = the config's).")
 _CONTROL = flags.DEFINE_bool("control", False, "Also probe E_id at initialisation.")
+_NUISANCE = flags.DEFINE_bool("nuisance", False, "Also regress each test image's "
+                              "nuisance (pose, lighting, blur, noise) from each code "
+                              "(synthetic sets only).")
+# Codes compared with what they carry besides identity and expression.
+_CODES = ("z_exp", "z_id", "feature")
 
 
 def _parse(config, item: str):
@@ -57,12 +62,29 @@ def _parse(config, item: str):
   config_fields.set_field(config, field, value)
 
 
-def _probe(config, model, state, data, settings) -> dict:
+def _test_relpaths(config, data) -> list[str]:
+  """The test split's image paths, in data.test_images' order."""
+  records = face_sets.FaceSets().get(config).records
+  _, test, _ = splits.split_records(records, num_folds=config.num_folds,
+                                    fold=config.fold, seed=config.split_seed)
+  if len(test) != len(data.test_labels):
+    raise RuntimeError("the test split's records do not match the test images")
+  return [r.path for r in test]
+
+
+def _probe(config, model, state, data, settings, nuisance=None) -> dict:
   out = train.predict(config, model, state, data.test_images)
   leak = evaluator.identity_leakage(config, model, state, data, settings, "z_exp", out)
   pick = lambda probes: {name: round(p["accuracy"], 4) for name, p in probes.items()}
-  return dict(chance=round(leak["chance"], 4), pca_matched=pick(leak["probes"]),
-              raw=pick(leak["probes_raw"]))
+  result = dict(chance=round(leak["chance"], 4), pca_matched=pick(leak["probes"]),
+                raw=pick(leak["probes_raw"]))
+  if nuisance is not None:
+    result["nuisance_r2"] = {
+        code: dict(zip(synthetic_nuisance.NAMES, np.round(attribute_probe.heldout_people_r2(
+            np.asarray(out[code], np.float64), nuisance.values, data.test_subjects,
+            settings.probe_pca_dim), 4).tolist()))
+        for code in _CODES}
+  return result
 
 
 def main(argv):
@@ -92,8 +114,10 @@ def main(argv):
   result = dict(workdir=workdir, changes=list(_SET.value), steps=num_steps,
                 stages=dict(local=config.model.local_stage, glob=config.model.global_stage),
                 estimator=config.loss.estimator, zeta=config.loss.zeta)
+  nuisance = (synthetic_nuisance.recover(data.data_dir, _test_relpaths(config, data))
+              if _NUISANCE.value else None)
   if _CONTROL.value:
-    result["id_encoder_at_init"] = _probe(config, model, state, data, settings)
+    result["id_encoder_at_init"] = _probe(config, model, state, data, settings, nuisance)
 
   step = jax.jit(steps.make_step("stage2", model, config, optimizers))
   batches = train._input_pipeline().as_numpy_iterator(  # pylint: disable=protected-access
@@ -111,7 +135,7 @@ def main(argv):
       window = []
   result["train_s"] = round(time.time() - started, 1)
   result["curve"] = curve
-  result["trained"] = _probe(config, model, state, data, settings)
+  result["trained"] = _probe(config, model, state, data, settings, nuisance)
   print(json.dumps(result))
 
 
