@@ -50,11 +50,16 @@ def _load(paths):
   return lines
 
 
-def table(paths) -> str:
+def table(paths, attributes=()) -> str:
+  """The table; `attributes`: the rows to show after identity (default: all)."""
   lines = _load(paths)
   untrained = [l["id_encoder_at_init"] for l in lines]
   trained = [l["trained"] for l in lines]
   names = list(trained[0]["nuisance_r2"]["z_id"])
+  unknown = sorted(set(attributes) - set(names))
+  if unknown:
+    raise SystemExit(f"unknown attribute(s) {', '.join(unknown)}: choose from {', '.join(names)}")
+  names = [n for n in names if n in attributes] if attributes else names
   column = lambda probes, code, name: np.array([p["nuisance_r2"][code][name] for p in probes])
   changes = " ".join(lines[0]["changes"]) or "the workdirs' own settings"
   out = [f"Stage 2 retrained ({lines[0]['steps']} steps; {changes}) in {len(lines)} "
@@ -77,7 +82,10 @@ def table(paths) -> str:
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("lines", nargs="+", help="stage2_identity.py output lines (JSON)")
-  print(table(parser.parse_args().lines))
+  parser.add_argument("--attributes", default="", help="comma-separated rows to show "
+                      "(default: every attribute)")
+  args = parser.parse_args()
+  print(table(args.lines, [a for a in args.attributes.split(",") if a]))
 
 
 if __name__ == "__main__":
