@@ -67,8 +67,9 @@ def _test_relpaths(config, data) -> list[str]:
   records = face_sets.FaceSets().get(config).records
   _, test, _ = splits.split_records(records, num_folds=config.num_folds,
                                     fold=config.fold, seed=config.split_seed)
-  if len(test) != len(data.test_labels):
-    raise RuntimeError("the test split's records do not match the test images")
+  if ([r.label for r in test] != [int(x) for x in data.test_labels]
+      or [r.subject for r in test] != list(data.test_subjects)):
+    raise RuntimeError("the test split's records are not the test images, in order")
   return [r.path for r in test]
 
 
