@@ -30,11 +30,12 @@ from absl import app
 from absl import flags
 import jax
 import numpy as np
+
 from data_tools import synthetic_nuisance
 from dicefer_jax import checkpoints, config_fields, models, splits, steps, train
 from dicefer_jax import workdir as workdir_lib
 from dicefer_jax.evaluation import attribute_probe, evaluator
-from experiments import face_sets
+from experiments import cli, face_sets
 from experiments.configs import default
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A DICE-FER workdir with a final "
@@ -115,8 +116,8 @@ def main(argv):
   result = dict(workdir=workdir, changes=list(_SET.value), steps=num_steps,
                 stages=dict(local=config.model.local_stage, glob=config.model.global_stage),
                 estimator=config.loss.estimator, zeta=config.loss.zeta)
-  nuisance = (synthetic_nuisance.recover(data.data_dir, _test_relpaths(config, data))
-              if _NUISANCE.value else None)
+  nuisance = (cli.run_or_exit(synthetic_nuisance.recover, data.data_dir,
+                              _test_relpaths(config, data)) if _NUISANCE.value else None)
   if _CONTROL.value:
     result["id_encoder_at_init"] = _probe(config, model, state, data, settings, nuisance)
 

@@ -105,6 +105,13 @@ def test_r2_of_a_known_linear_read_out():
   r2 = attribute_probe.heldout_people_r2(codes, y, subjects, pca_dim=64)
   assert abs(r2[0] - 0.64) < 0.06
   assert abs(r2[1]) < 0.05
+  # One attribute as a vector, or in whole numbers: the same read-out, as floats.
+  assert attribute_probe.heldout_people_r2(codes, y[:, 0], subjects, pca_dim=64) == (
+      pytest.approx([r2[0]]))
+  steps = np.round(4 * y[:, :1]).astype(int)   # predictions must not be cut to ints
+  assert attribute_probe.heldout_people_r2(codes, steps, subjects, pca_dim=64) == (
+      pytest.approx(attribute_probe.heldout_people_r2(codes, steps.astype(float), subjects,
+                                                      pca_dim=64)))
 
 
 def test_a_per_person_attribute_is_not_read_off_identity():

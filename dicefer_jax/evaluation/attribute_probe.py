@@ -40,6 +40,7 @@ def heldout_people_r2(codes: np.ndarray, targets: np.ndarray, subjects, pca_dim:
     achieves, negative is worse.
   """
   subjects = np.asarray(subjects)
+  targets = np.asarray(targets, np.float64).reshape(len(subjects), -1)
   num_people = len(np.unique(subjects))
   if num_people < num_splits + 2:
     raise ValueError(f"{num_people} people: reading attributes on held-out people "
