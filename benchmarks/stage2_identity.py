@@ -63,9 +63,8 @@ def _parse(config, item: str):
   config_fields.set_field(config, field, value)
 
 
-def _test_relpaths(config, data) -> list[str]:
+def _test_relpaths(records, config, data) -> list[str]:
   """The test split's image paths, in data.test_images' order."""
-  records = face_sets.FaceSets().get(config).records
   _, test, _ = splits.split_records(records, num_folds=config.num_folds,
                                     fold=config.fold, seed=config.split_seed)
   if ([r.label for r in test] != [int(x) for x in data.test_labels]
@@ -103,7 +102,8 @@ def main(argv):
     _parse(config, item)
   num_steps = _STEPS.value or int(config.stage2.num_steps)
   model = models.build_model(config.model, 7)
-  data = face_sets.FaceSets().split(config)
+  sets = face_sets.FaceSets()  # one read of the set for the split and its paths
+  data = sets.split(config)
   settings = evaluator.EvalSettings.from_config(config.eval)
 
   # The state run.py's stage 2 would start from, with the variant's critics:
@@ -117,7 +117,8 @@ def main(argv):
                 stages=dict(local=config.model.local_stage, glob=config.model.global_stage),
                 estimator=config.loss.estimator, zeta=config.loss.zeta)
   nuisance = (cli.run_or_exit(synthetic_nuisance.recover, data.data_dir,
-                              _test_relpaths(config, data)) if _NUISANCE.value else None)
+                              _test_relpaths(sets.get(config).records, config, data))
+              if _NUISANCE.value else None)
   if _CONTROL.value:
     result["id_encoder_at_init"] = _probe(config, model, state, data, settings, nuisance)
 

@@ -150,23 +150,20 @@ def mutual_information(score_fn: ScoreFn, x: jax.Array, z: jax.Array,
   b = x.shape[0]
   chex.assert_axis_dimension(z, 0, b)
   chex.assert_shape(permutation, (b,))
+  if pairwise_fn is None and estimator == "infonce":  # it needs every pair anyway
+    pairwise_fn = lambda xs, zs: score_matrix(score_fn, xs, zs)
   if pairwise_fn is not None:
     scores = pairwise_fn(x, z)
     chex.assert_shape(scores, (b, b))
     joint, marginal = jnp.diagonal(scores), scores[jnp.arange(b), permutation]
-    dv = dv_lower_bound(joint, marginal)
-    objective = {"dv": lambda: dv, "jsd": lambda: jsd_lower_bound(joint, marginal),
-                 "infonce": lambda: infonce_lower_bound(scores)}[estimator]()
-    return MIEstimate(dv, objective)
-  if estimator == "infonce":
-    scores = score_matrix(score_fn, x, z)
-    joint, marginal = jnp.diagonal(scores), scores[jnp.arange(b), permutation]
-    return MIEstimate(dv_lower_bound(joint, marginal), infonce_lower_bound(scores))
-  scores = score_fn(jnp.concatenate([x, x], axis=0),
-                    jnp.concatenate([z, z[permutation]], axis=0))
-  chex.assert_shape(scores, (2 * b,))
-  joint, marginal = scores[:b], scores[b:]
+  else:  # only the 2B pairs DV and JSD use
+    scores = score_fn(jnp.concatenate([x, x], axis=0),
+                      jnp.concatenate([z, z[permutation]], axis=0))
+    chex.assert_shape(scores, (2 * b,))
+    joint, marginal = scores[:b], scores[b:]
   dv = dv_lower_bound(joint, marginal)
+  if estimator == "infonce":
+    return MIEstimate(dv, infonce_lower_bound(scores))
   return MIEstimate(dv, dv if estimator == "dv" else jsd_lower_bound(joint, marginal))
 
 

@@ -79,9 +79,9 @@ _COMPILATION_CACHE = flags.DEFINE_bool(
 METHODS = ("dicefer", "baseline")
 # Config fields the baseline never reads: sweeping them re-runs DICE-FER only.
 DICEFER_ONLY = ("loss.", "stage1.", "stage2.", "stage3.", "train.disc_", "model.exp_dim",
-                "model.id_dim", "model.normalize_code", "model.critic_hidden",
+                "model.id_dim", "model.normalize_code",
                 "model.disc_hidden", "model.local_stage", "model.global_stage",
-                "model.id_critic_", "model.critic",
+                "model.id_critic_", "model.critic",  # prefixes: also critic_hidden
                 "model.classifier_")
 def _get(m: dict, *path):
   """m[path[0]][path[1]]..., or None when any step is missing or null."""
